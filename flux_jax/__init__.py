@@ -1,0 +1,6 @@
+"""FLUX.1 in JAX/Flax NNX, with ternary (1.58-bit) weights."""
+
+from flux_jax.config import FluxConfig
+from flux_jax.model import Flux
+
+__all__ = ["Flux", "FluxConfig"]
