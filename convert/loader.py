@@ -1,0 +1,189 @@
+"""`load_flux`: any FLUX transformer checkpoint people have -> our `Flux` module.
+
+One generic loader: build the abstract model (`nnx.eval_shape`), walk its flat state, and fill each
+leaf from the source through the key map (`convert.layouts`), one tensor at a time. Source keys the
+model does not use and leaves the source cannot fill are errors, named before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from convert import layouts
+from convert.errors import CheckpointError
+from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint
+from convert.safetensors_io import SafetensorsFiles
+from flux_jax.config import FluxConfig
+from flux_jax.model import Flux
+from flux_jax.sharding import named_sharding
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_flux(
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> Flux:
+    """Loads a FLUX transformer from a BFL .safetensors file, a diffusers transformer folder, a
+    diffusers pipeline root, a hub id in the local Hugging Face cache, or one of our Orbax checkpoints.
+
+    dtype: a name ("float32", "bfloat16") or dtype for parameters and compute; by default float32
+    checkpoints stay float32 and everything else (bf16, fp16, fp8) becomes bfloat16.
+    mesh: place each parameter straight into its shards (logical rules of `flux_jax.sharding`).
+    Raises CheckpointError naming the file, folder or key at fault.
+    """
+    location = _locate(path)
+    if location.is_dir() and is_flux_checkpoint(location):
+        return load_flux_checkpoint(location, dtype=dtype, mesh=mesh)
+    tensors, config_json = _tensor_files(location)
+    return _load_safetensors(tensors, config_json, dtype=dtype, mesh=mesh, progress=progress)
+
+
+def _locate(path: str | os.PathLike) -> Path:
+    """A local path, or the snapshot folder of a hub id found in the local Hugging Face cache."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    text = os.fspath(path)
+    if _HUB_ID.match(text) and not text.startswith("."):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise CheckpointError(
+                f"{text}: no such file or folder, and no snapshot of that hub id in the local Hugging Face cache "
+                "(download it first, e.g. `hf download " + text + "`)"
+            ) from None
+    raise CheckpointError(f"{text}: no such file or folder")
+
+
+def _tensor_files(location: Path) -> tuple[SafetensorsFiles, Path | None]:
+    """The safetensors files of a checkpoint and its diffusers config.json, if it has one."""
+    if location.is_file():
+        if location.suffix != ".safetensors":
+            raise CheckpointError(f"{location}: not a .safetensors file (PyTorch pickles are not read; convert to safetensors)")
+        config_json = location.parent / "config.json"
+        return SafetensorsFiles([location]), config_json if config_json.is_file() else None
+    if (location / "transformer").is_dir() and not (location / "config.json").is_file():
+        return _tensor_files(location / "transformer")
+    indexes = sorted(location.glob("*.safetensors.index.json"))
+    files = sorted(location.glob("*.safetensors"))
+    config_json = location / "config.json" if (location / "config.json").is_file() else None
+    if len(indexes) > 1:
+        raise CheckpointError(f"{location}: several safetensors indexes ({', '.join(i.name for i in indexes)})")
+    if indexes:
+        return SafetensorsFiles.from_index(indexes[0]), config_json
+    if config_json is None:
+        # A BFL repository root: flux1-dev.safetensors beside the autoencoder's ae.safetensors.
+        files = [f for f in files if not f.name.startswith("ae.")]
+        if len(files) > 1:
+            raise CheckpointError(f"{location}: several safetensors files and no index or config.json; name one")
+    if not files:
+        what = "empty folder" if not any(location.iterdir()) else "no safetensors files"
+        raise CheckpointError(f"{location}: {what} (expected a FLUX transformer checkpoint)")
+    return SafetensorsFiles(files, name=str(location) if len(files) > 1 else None), config_json
+
+
+def _read_diffusers_config(config_json: Path) -> FluxConfig:
+    try:
+        data = json.loads(config_json.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return layouts.config_from_diffusers(data)
+    except KeyError as err:
+        raise CheckpointError(f"{config_json}: missing field {err}") from None
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{config_json}: not a usable FluxTransformer2DModel config ({err})") from None
+
+
+def _default_dtype(tensors: SafetensorsFiles, key: str) -> str:
+    return "float32" if tensors.dtype_name(key) == "F32" else "bfloat16"
+
+
+def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dtype, mesh, progress) -> Flux:
+    keys = tensors.keys()
+    prefix = next((p for p in layouts.BFL_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
+    layout = layouts.detect_layout([k[len(prefix) :] for k in keys])
+    if layout is None:
+        sample = ", ".join(sorted(keys)[:3])
+        raise CheckpointError(f"{tensors.name}: not a FLUX transformer checkpoint (its keys look like {sample})")
+    source_of = layouts.SOURCES[layout]
+
+    def shape_of(path: str) -> tuple[int, ...] | None:
+        try:
+            source = source_of(path)
+        except KeyError:
+            return None
+        names = [prefix + k for k in source.keys]
+        if not all(n in tensors for n in names):
+            return None
+        shapes = [tensors.shape(n) for n in names]
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+        return shape[::-1] if source.transpose else shape
+
+    if layout == layouts.DIFFUSERS and config_json is not None:
+        config = _read_diffusers_config(config_json)
+    else:
+        try:
+            config = layouts.infer_config(shape_of)
+        except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
+            raise CheckpointError(f"{tensors.name}: cannot infer the FLUX config from tensor shapes ({err})") from None
+    first_key = prefix + source_of("img_in.kernel").keys[0]
+    config = config.with_dtype(dtype if dtype is not None else _default_dtype(tensors, first_key))
+
+    abstract = nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = [(".".join(map(str, path)), path, var) for path, var in nnx.to_flat_state(state)]
+    sources = {name: source_of(name) for name, _, _ in flat}
+    _check_keys(tensors, {prefix + k for s in sources.values() for k in s.keys})
+
+    filled = []
+    for name, path, var in tqdm(flat, desc="converting", unit="tensor", disable=not progress):
+        value = _read_leaf(tensors, sources[name], prefix, name, var.shape)
+        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh) if mesh is not None else None
+        filled.append((path, var.replace(jax.device_put(value.astype(var.dtype), sharding))))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def _check_keys(tensors: SafetensorsFiles, needed: set[str]) -> None:
+    have = set(tensors.keys())
+    for problem, found in (("missing key", needed - have), ("unexpected key", have - needed)):
+        if found:
+            first, more = sorted(found)[0], len(found) - 1
+            suffix = f" (and {more} more)" if more else ""
+            raise CheckpointError(f"{tensors.name}: {problem} {first!r}{suffix} for a FLUX transformer of this config")
+
+
+def _read_leaf(tensors: SafetensorsFiles, source: layouts.Source, prefix: str, name: str, shape) -> np.ndarray:
+    parts = [tensors.read(prefix + k) for k in source.keys]
+    try:
+        value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    except ValueError:
+        detail = ", ".join(f"{k} {p.shape}" for k, p in zip(source.keys, parts))
+        raise CheckpointError(f"{tensors.name}: tensors that make up {name} do not fit together: {detail}") from None
+    if source.swap_halves:
+        value = np.concatenate(np.split(value, 2, axis=0)[::-1], axis=0)
+    if source.transpose:
+        value = value.T
+    if value.shape != tuple(shape):
+        where = tensors.file_of(prefix + source.keys[0])
+        got = value.shape[::-1] if source.transpose else value.shape
+        want = tuple(shape)[::-1] if source.transpose else tuple(shape)
+        raise CheckpointError(
+            f"{where}: tensor {prefix + '+'.join(source.keys)!r} has shape {got}, expected {want} for {name}"
+        )
+    return value

@@ -1,0 +1,48 @@
+"""Convert a PyTorch FLUX transformer checkpoint into one of our Orbax checkpoints.
+
+    python -m convert.torch_to_flax black-forest-labs/FLUX.1-dev ~/ckpt/flux-dev
+    python -m convert.torch_to_flax flux1-schnell.safetensors ~/ckpt/flux-schnell --dtype bfloat16
+
+SRC is anything `convert.load_flux` takes. OUT appears only when the whole conversion succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from convert.atomic import atomic_directory
+from convert.cli import reported_errors
+from convert.loader import load_flux
+from convert.orbax_io import write_flux
+
+PROG = "python -m convert.torch_to_flax"
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False, progress: bool = True
+) -> Path:
+    """Streams SRC's tensors into a Flax model (one model copy plus one tensor in host memory) and
+    writes it to OUT as Orbax + flux_jax.json, through a temporary folder renamed at the end."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_flux(load_flux(src, dtype=dtype, progress=progress), tmp)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="BFL .safetensors file, diffusers transformer or pipeline folder, cached hub id, or our checkpoint")
+    parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="parameter and compute dtype (default: float32 stays float32, anything else becomes bfloat16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    with reported_errors(PROG):
+        out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
