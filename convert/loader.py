@@ -154,7 +154,7 @@ def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dt
     filled = []
     for name, path, var in tqdm(flat, desc="converting", unit="tensor", disable=not progress):
         value = _read_leaf(tensors, sources[name], prefix, name, var.shape)
-        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh) if mesh is not None else None
+        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh, var.shape) if mesh is not None else None
         filled.append((path, var.replace(jax.device_put(value.astype(var.dtype), sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 

@@ -68,7 +68,7 @@ def load_flux_checkpoint(path: Path, *, dtype=None, mesh: Mesh | None = None) ->
     graphdef, state = nnx.split(abstract)
 
     def target(var):
-        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh) if mesh is not None else None
+        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh, var.shape) if mesh is not None else None
         return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
 
     targets = nnx.to_pure_dict(jax.tree.map(target, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

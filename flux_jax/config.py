@@ -35,6 +35,8 @@ class FluxConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.out_channels == self.in_channels:  # one canonical form: None means "same as in"
+            object.__setattr__(self, "out_channels", None)
         for name in ("param_dtype", "dtype"):
             object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)
         if self.hidden_size % self.num_heads:

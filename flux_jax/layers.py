@@ -51,8 +51,8 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_metadata=param_metadata(*axes),
-        bias_metadata=param_metadata(axes[1]),
+        kernel_metadata=param_metadata(axes, (in_features, out_features)),
+        bias_metadata=param_metadata(axes[1:], (out_features,)),
         rngs=rngs,
     )
 
@@ -71,7 +71,7 @@ gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, param_dtype: Dtype, rngs: nnx.Rngs):
         del rngs
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **param_metadata("head_dim"))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **param_metadata(("head_dim",), (dim,)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)

@@ -39,32 +39,41 @@ def active_mesh() -> Mesh | jax.sharding.AbstractMesh | None:
     return None if mesh.empty else mesh
 
 
-def partition_spec(names: tuple[str | None, ...], mesh: Mesh | jax.sharding.AbstractMesh | None = None) -> PartitionSpec:
-    """Mesh partition spec for logical `names`; mesh axes the mesh does not have are dropped."""
+def partition_spec(
+    names: tuple[str | None, ...],
+    mesh: Mesh | jax.sharding.AbstractMesh | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> PartitionSpec:
+    """Mesh partition spec for logical `names`. Mesh axes the mesh does not have are dropped, and so,
+    given `shape`, are axes that would not divide their dimension evenly (batch 1 on 8 devices)."""
     mesh = mesh if mesh is not None else active_mesh()
-    present = set(mesh.axis_names) if mesh is not None else set(MESH_AXES)
+    sizes = dict(mesh.shape) if mesh is not None else {a: 1 for a in MESH_AXES}
     spec = []
-    for name in names:
+    for dim, name in enumerate(names):
         if name is not None and name not in _RULES:
             raise KeyError(f"logical axis {name!r} has no rule in flux_jax.sharding.LOGICAL_AXIS_RULES")
         axes = _RULES.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else (axes or ())
-        kept = tuple(a for a in axes if a in present)
-        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+        kept, parts = [], 1
+        for axis in axes:
+            if axis in sizes and (shape is None or shape[dim] % (parts * sizes[axis]) == 0):
+                kept.append(axis)
+                parts *= sizes[axis]
+        spec.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
     return PartitionSpec(*spec)
 
 
-def param_metadata(*names: str) -> dict[str, Any]:
+def param_metadata(names: tuple[str, ...], shape: tuple[int, ...]) -> dict[str, Any]:
     """Variable metadata: logical names always; a concrete sharding when built under a mesh."""
     metadata: dict[str, Any] = {"logical_axes": names}
     mesh = active_mesh()
     if mesh is not None:
-        metadata["out_sharding"] = partition_spec(names, mesh)
+        metadata["out_sharding"] = partition_spec(names, mesh, shape)
     return metadata
 
 
-def named_sharding(names: tuple[str | None, ...], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(names, mesh))
+def named_sharding(names: tuple[str | None, ...], mesh: Mesh, shape: tuple[int, ...] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(names, mesh, shape))
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
@@ -72,7 +81,7 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     mesh = active_mesh()
     if mesh is None:
         return x
-    spec = partition_spec(names, mesh)
+    spec = partition_spec(names, mesh, x.shape)
     if mesh.are_all_axes_explicit:
         return jax.sharding.reshard(x, spec)
     return jax.lax.with_sharding_constraint(x, spec)
