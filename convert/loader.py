@@ -12,7 +12,6 @@ import os
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -24,7 +23,7 @@ from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint
 from convert.safetensors_io import SafetensorsFiles
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
-from flux_jax.sharding import named_sharding
+from flux_jax.params import fill
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -146,17 +145,14 @@ def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dt
     config = config.with_dtype(dtype if dtype is not None else _default_dtype(tensors, first_key))
 
     abstract = nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = [(".".join(map(str, path)), path, var) for path, var in nnx.to_flat_state(state)]
-    sources = {name: source_of(name) for name, _, _ in flat}
+    sources = {path: source_of(".".join(map(str, path))) for path, _ in nnx.to_flat_state(nnx.state(abstract))}
     _check_keys(tensors, {prefix + k for s in sources.values() for k in s.keys})
 
-    filled = []
-    for name, path, var in tqdm(flat, desc="converting", unit="tensor", disable=not progress):
-        value = _read_leaf(tensors, sources[name], prefix, name, var.shape)
-        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh, var.shape) if mesh is not None else None
-        filled.append((path, var.replace(jax.device_put(value.astype(var.dtype), sharding))))
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    def value_of(path, var):
+        return _read_leaf(tensors, sources[path], prefix, ".".join(map(str, path)), var.shape)
+
+    bar = lambda leaves: tqdm(leaves, desc="converting", unit="tensor", disable=not progress)  # noqa: E731
+    return fill(abstract, value_of, mesh=mesh, progress=bar)
 
 
 def _check_keys(tensors: SafetensorsFiles, needed: set[str]) -> None:

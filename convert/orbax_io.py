@@ -1,4 +1,5 @@
-"""Our own checkpoints: an Orbax tree of parameters plus a small JSON (format, version, config)."""
+"""Our own checkpoints: an Orbax tree of every model variable plus a small JSON beside it
+(format, version, kind: flux / student / packed, config, quantization policy)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from convert.atomic import atomic_directory
 from convert.errors import CheckpointError
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
-from flux_jax.sharding import named_sharding
+from flux_jax.params import fill, leaf_sharding
+from flux_jax.ternary import QuantPolicy, build, describe
 
 FORMAT = "flux_jax"
 FORMAT_VERSION = 1
@@ -28,10 +30,17 @@ def is_flux_checkpoint(path: Path) -> bool:
 
 
 def write_flux(model: Flux, directory: Path) -> None:
-    """Writes `model` into the existing, empty `directory`."""
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "flux", "config": model.config.to_dict()}
+    """Writes `model` (any kind) into the existing, empty `directory`."""
+    kind, policy = describe(model)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": model.config.to_dict(),
+        "policy": policy.to_dict() if policy else None,
+    }
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(directory).absolute() / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.save(Path(directory).absolute() / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
     (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -43,7 +52,8 @@ def save_flux(model: Flux, out: str | os.PathLike, *, overwrite: bool = False) -
     return Path(out)
 
 
-def read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> tuple[str, FluxConfig, QuantPolicy | None]:
+    """(kind, config, policy) of one of our checkpoints."""
     meta_path = path / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
@@ -53,41 +63,36 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{meta_path}: not a {FORMAT} checkpoint description")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    return meta
+    try:
+        kind = meta.get("kind", "flux")
+        policy = QuantPolicy.from_dict(meta["policy"]) if meta.get("policy") else None
+        config = FluxConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{meta_path}: bad config or policy ({err})") from None
+    if kind not in ("flux", "student", "packed"):
+        raise CheckpointError(f"{meta_path}: unknown model kind {kind!r}")
+    return kind, config, policy
 
 
 def load_flux_checkpoint(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Flux:
-    """Restores one of our checkpoints straight into its shards (each device reads its slices)."""
-    meta = read_meta(path)
-    try:
-        stored = FluxConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path / META_FILE}: bad config ({err})") from None
-    config = stored.with_dtype(dtype) if dtype is not None else stored
-    abstract = nnx.eval_shape(lambda: Flux(stored, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    """Restores one of our checkpoints straight into its shards (each device reads its slices).
 
-    def target(var):
-        sharding = named_sharding(var.get_metadata()["logical_axes"], mesh, var.shape) if mesh is not None else None
-        return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
-
-    targets = nnx.to_pure_dict(jax.tree.map(target, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    `dtype` changes the float parameters and the compute dtype; packed codes and scales keep theirs."""
+    kind, stored, policy = read_meta(path)
+    abstract = nnx.eval_shape(lambda: build(stored, kind, policy, rngs=nnx.Rngs(0)))
+    targets = nnx.to_pure_dict(jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=leaf_sharding(v, mesh)),
+        nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable),
+    ))
     params_dir = (path / PARAMS_DIR).absolute()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(params_dir, targets)
     except Exception as err:  # Orbax raises many types for missing or damaged files
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({type(err).__name__}: {err})") from None
+    state = nnx.state(abstract)
     nnx.replace_by_pure_dict(state, restored)
-    model = nnx.merge(graphdef, state)
-    if config != stored:
-        model = _cast(model, config)
-    return model
-
-
-def _cast(model: Flux, config: FluxConfig) -> Flux:
-    """The same weights under `config` (a dtype change)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0))))
-    dtype = jax.numpy.dtype(config.param_dtype)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param))))
-    return nnx.merge(graphdef, state)
+    values = dict(nnx.to_flat_state(state))
+    config = stored.with_dtype(dtype) if dtype is not None else stored
+    target = nnx.eval_shape(lambda: build(config, kind, policy, rngs=nnx.Rngs(0)))
+    return fill(target, lambda path, _: values[path][...], mesh=mesh)

@@ -1,4 +1,10 @@
-"""Pallas kernels for the packed ternary matmul (Triton on GPU, Mosaic on TPU). Knows nothing of models.
+"""Packed ternary weights and the matmul that reads them. Knows nothing of models.
 
-The packed format and kernels arrive with the ternary and kernel issues (see ../shared/DESIGN.md).
+`pack_ternary` / `unpack_ternary`: the canonical 2-bit format; `pack_archive` / `unpack_archive`: the
+base-3 download format; `ternary_matmul`: x @ (scale * T) + bias straight from packed weights.
 """
+
+from pallas_kernels.packing import pack_archive, pack_ternary, unpack_archive, unpack_ternary
+from pallas_kernels.ternary_matmul import ternary_matmul
+
+__all__ = ["pack_archive", "pack_ternary", "ternary_matmul", "unpack_archive", "unpack_ternary"]

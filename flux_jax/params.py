@@ -1,0 +1,45 @@
+"""Filling an abstract model (from `nnx.eval_shape`) with values, leaf by leaf, each into its shards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from flux_jax.sharding import named_sharding
+
+M = TypeVar("M", bound=nnx.Module)
+Path = tuple[Any, ...]
+
+
+def leaf_sharding(var: nnx.Variable, mesh: Mesh | None):
+    """Where a variable lives on `mesh` by its logical names (None: the default device)."""
+    if mesh is None:
+        return None
+    return named_sharding(var.get_metadata().get("logical_axes", (None,) * len(var.shape)), mesh, var.shape)
+
+
+def fill(
+    abstract: M,
+    value_of: Callable[[Path, nnx.Variable], Any],
+    *,
+    mesh: Mesh | None = None,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> M:
+    """A concrete model whose every leaf is `value_of(path, abstract_variable)`, cast to the abstract
+    leaf's dtype and placed by its logical sharding. Leaves are produced one at a time, so a caller
+    streaming from disk holds one tensor on the host at once."""
+    graphdef, state = nnx.split(abstract)
+    filled = []
+    for path, var in progress(list(nnx.to_flat_state(state))):
+        value = value_of(path, var)
+        if isinstance(value, np.ndarray | np.generic):
+            value = value.astype(var.dtype, copy=False)
+        else:
+            value = value.astype(var.dtype)
+        filled.append((path, var.replace(jax.device_put(value, leaf_sharding(var, mesh)))))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
