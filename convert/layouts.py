@@ -203,3 +203,24 @@ def to_torch_layout(value: np.ndarray, source: Source, hidden_size: int) -> dict
     edges = [hidden_size * (i + 1) for i in range(len(source.keys) - 1)]
     parts = np.split(value, edges, axis=0)
     return {key: np.ascontiguousarray(part) for key, part in zip(source.keys, parts)}
+
+
+def diffusers_config_dict(config: FluxConfig) -> dict:
+    """The config.json of a diffusers FluxTransformer2DModel for `config` (inverse of config_from_diffusers)."""
+    if config.mlp_ratio != 4.0 or not config.qkv_bias or config.theta != 10_000:
+        raise ValueError("diffusers' FluxTransformer2DModel fixes mlp_ratio 4, qkv biases and theta 10000; "
+                         f"this config has mlp_ratio {config.mlp_ratio}, qkv_bias {config.qkv_bias}, theta {config.theta}")
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_layers": config.depth,
+        "num_single_layers": config.depth_single_blocks,
+        "attention_head_dim": config.head_dim,
+        "num_attention_heads": config.num_heads,
+        "joint_attention_dim": config.context_in_dim,
+        "pooled_projection_dim": config.vec_in_dim,
+        "guidance_embeds": config.guidance_embed,
+        "axes_dims_rope": list(config.axes_dim),
+    }

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from convert import layouts
 from convert.errors import CheckpointError
 from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint
+from convert.packed_io import file_format, load_packed_safetensors
 from convert.safetensors_io import SafetensorsFiles
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
@@ -36,7 +37,8 @@ def load_flux(
     progress: bool = False,
 ) -> Flux:
     """Loads a FLUX transformer from a BFL .safetensors file, a diffusers transformer folder, a
-    diffusers pipeline root, a hub id in the local Hugging Face cache, or one of our Orbax checkpoints.
+    diffusers pipeline root, a hub id in the local Hugging Face cache, one of our Orbax checkpoints
+    (full precision, ternary student or packed), or our packed / archive safetensors files.
 
     dtype: a name ("float32", "bfloat16") or dtype for parameters and compute; by default float32
     checkpoints stay float32 and everything else (bf16, fp16, fp8) becomes bfloat16.
@@ -46,6 +48,8 @@ def load_flux(
     location = _locate(path)
     if location.is_dir() and is_flux_checkpoint(location):
         return load_flux_checkpoint(location, dtype=dtype, mesh=mesh)
+    if location.is_file() and location.suffix == ".safetensors" and file_format(location):
+        return load_packed_safetensors(location, dtype=dtype, mesh=mesh)
     tensors, config_json = _tensor_files(location)
     return _load_safetensors(tensors, config_json, dtype=dtype, mesh=mesh, progress=progress)
 

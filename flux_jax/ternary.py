@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -255,6 +256,21 @@ def pack_model(student: Flux) -> Flux:
             values[(*path, "scale")] = module.scale[...] if module.scale is not None else scale
             del values[(*path, "kernel")]
     return fill(abstract, lambda path, _: values[path])
+
+
+def dense_leaves(model: Flux) -> Iterator[tuple[str, jax.Array]]:
+    """(dotted path, value) of every parameter of the equivalent full-precision model, one at a time:
+    a ternary or packed layer yields its effective kernel s * T (+ A @ B) under the name `kernel`."""
+    ternary = {path: module for path, module in nnx.iter_graph(model) if isinstance(module, TernaryLinear | PackedTernaryLinear)}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        owner, leaf = path[:-1], path[-1]
+        if owner in ternary:
+            if leaf in ("bias",):
+                yield ".".join(map(str, path)), var[...]
+            elif leaf in ("kernel", "codes"):
+                yield ".".join(map(str, (*owner, "kernel"))), ternary[owner].effective_kernel()
+            continue
+        yield ".".join(map(str, path)), var[...]
 
 
 def ternary_report(config: FluxConfig, policy: QuantPolicy = QuantPolicy()) -> dict[str, float]:
