@@ -23,14 +23,17 @@ from flax import nnx
 from flux_jax.config import FluxConfig
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation for JAX)
-    times = []
+def _median_seconds(fns, repeats: int) -> list[float]:
+    """Median wall time of each function, run in alternation so that load on the machine hits both."""
+    for fn in fns:
+        fn()  # warm-up (and compilation for JAX)
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, acc in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def run(config: FluxConfig, *, img_tokens: int, txt_tokens: int, repeats: int) -> dict[str, float]:
@@ -87,8 +90,7 @@ def run(config: FluxConfig, *, img_tokens: int, txt_tokens: int, repeats: int) -
 
     ref_out = theirs().float().numpy()
     diff = float(np.abs(np.asarray(ours(), np.float32) - ref_out).max() / np.abs(ref_out).max())
-    jax_s = _median_seconds(ours, repeats)
-    torch_s = _median_seconds(theirs, repeats)
+    jax_s, torch_s = _median_seconds([ours, theirs], repeats)
     return {"jax_s": jax_s, "torch_s": torch_s, "speedup": torch_s / jax_s, "max_rel_diff": diff}
 
 
