@@ -1,21 +1,29 @@
 """`ternary_matmul`: x @ (scale * T) + bias with T read from the canonical 2-bit packed format.
 
-The "xla" backend is the reference: unpack to x's dtype, one dot accumulating in float32, scale and
-bias in the epilogue. It is differentiable with respect to x (and scale and bias); the packed codes are
-integers and carry no gradient.
+Backends: "xla" (the reference: unpack, one dot accumulating in float32, scale and bias after),
+"triton" (GPU kernel), "mosaic_tpu" (TPU kernel), and "auto", which picks by the platform the call is
+lowered for (Triton on cuda, Mosaic on tpu, XLA elsewhere) through `jax.lax.platform_dependent`, so
+an exported or serialized model carries the right kernel for each platform.
+
+Differentiation: a custom VJP gives gradients with respect to x, scale and bias (computed with XLA
+from the packed weights); the packed codes are integers and have none.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.mosaic_tpu import MosaicBlocks, mosaic_matmul
 from pallas_kernels.packing import unpack_ternary
+from pallas_kernels.triton_gpu import TritonBlocks, triton_matmul
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "triton", "mosaic_tpu")
 
 
-def _check(x, packed, scale, bias) -> int:
+def _check(x, packed, scale, bias) -> tuple[int, int]:
     k = x.shape[-1]
     if packed.ndim != 2 or packed.dtype != jnp.uint8:
         raise ValueError(f"packed must be 2-D uint8 (ceil(K/4), N), got {packed.dtype} {tuple(packed.shape)}")
@@ -27,26 +35,71 @@ def _check(x, packed, scale, bias) -> int:
         raise ValueError(f"scale has shape {tuple(scale.shape)}; packed has N={n}, so scale must be ({n},) or (1,)")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; packed has N={n}, so bias must be ({n},)")
-    return k
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    return k, n
 
 
-def _xla(x: jax.Array, packed: jax.Array, scale: jax.Array, bias: jax.Array | None, k: int) -> jax.Array:
-    weights = unpack_ternary(packed, k).astype(x.dtype)
-    out = jnp.dot(x, weights, preferred_element_type=jnp.float32) * scale.astype(jnp.float32)
-    if bias is not None:
-        out = out + bias.astype(jnp.float32)
+def _xla(x, packed, scale, bias):
+    weights = unpack_ternary(packed, x.shape[-1]).astype(x.dtype)
+    out = jnp.dot(x, weights, preferred_element_type=jnp.float32) * scale + bias
     return out.astype(x.dtype)
 
 
-def ternary_matmul(x, packed, scale, bias=None, *, backend: str = "auto", interpret: bool | None = None) -> jax.Array:
-    """x (..., K) bf16/f32, packed (ceil(K/4), N) uint8, scale (N,) or (1,) f32, bias (N,) -> (..., N).
+def _forward(x, packed, scale, bias, backend: str, interpret: bool, blocks):
+    if backend == "xla":
+        return _xla(x, packed, scale, bias)
+    if backend == "triton":
+        return triton_matmul(x, packed, scale, bias, blocks=blocks, interpret=interpret)
+    if backend == "mosaic_tpu":
+        return mosaic_matmul(x, packed, scale, bias, blocks=blocks, interpret=interpret)
+    return jax.lax.platform_dependent(
+        x, packed, scale, bias,
+        cuda=functools.partial(triton_matmul, interpret=False),
+        tpu=functools.partial(mosaic_matmul, interpret=False),
+        default=_xla,
+    )
 
-    Accumulates in float32 and returns x's dtype. Shapes that do not fit raise ValueError naming both.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _matmul(x, packed, scale, bias, backend, interpret, blocks):
+    return _forward(x, packed, scale, bias, backend, interpret, blocks)
+
+
+def _matmul_fwd(x, packed, scale, bias, backend, interpret, blocks):
+    return _forward(x, packed, scale, bias, backend, interpret, blocks), (x, packed, scale)
+
+
+def _matmul_bwd(backend, interpret, blocks, residuals, g):
+    x, packed, scale = residuals
+    weights = unpack_ternary(packed, x.shape[-1]).astype(jnp.float32)
+    g32 = g.astype(jnp.float32)
+    dx = jnp.dot(g32 * scale, weights.T).astype(x.dtype)
+    dscale = jnp.sum(jnp.dot(x.astype(jnp.float32), weights) * g32, axis=0)
+    return dx, None, dscale, jnp.sum(g32, axis=0)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def ternary_matmul(x, packed, scale, bias=None, *, backend: str = "auto", interpret: bool | None = None,
+                   blocks: TritonBlocks | MosaicBlocks | None = None) -> jax.Array:
+    """x (..., K) bf16/f32, packed (ceil(K/4), N) uint8, scale (N,) or (1,), bias (N,) -> (..., N).
+
+    Accumulates in float32 and returns x's dtype. Any M, K and N: blocks are padded inside.
+    `interpret=True` runs a kernel backend ("triton", "mosaic_tpu") on CPU; `blocks` overrides that
+    backend's tile table. Shapes that do not fit raise ValueError naming both.
     """
     x, packed, scale = jnp.asarray(x), jnp.asarray(packed), jnp.asarray(scale)
     bias = None if bias is None else jnp.asarray(bias)
-    k = _check(x, packed, scale, bias)
+    k, n = _check(x, packed, scale, bias)
     if backend not in BACKENDS:
         raise ValueError(f"unknown ternary_matmul backend {backend!r}; available: {', '.join(BACKENDS)}")
-    del interpret  # only kernel backends run in interpret mode
-    return _xla(x, packed, scale, bias, k)
+    expected = {"triton": TritonBlocks, "mosaic_tpu": MosaicBlocks}.get(backend)
+    if blocks is not None and (expected is None or not isinstance(blocks, expected)):
+        raise ValueError(f"blocks {blocks!r} do not belong to backend {backend!r}")
+    scale_n = jnp.broadcast_to(scale.astype(jnp.float32), (n,))
+    bias_n = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    lead = x.shape[:-1]
+    out = _matmul(x.reshape(-1, k), packed, scale_n, bias_n, backend, bool(interpret), blocks)
+    return out.reshape(*lead, n)

@@ -1,0 +1,169 @@
+"""ternary_matmul: every backend against a NumPy float64 reference (kernels in interpret mode), and
+the kernels lowered for cuda and tpu from this CPU machine with jax.export."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels import pack_ternary, ternary_matmul
+from pallas_kernels.mosaic_tpu import MosaicBlocks
+from pallas_kernels.triton_gpu import TritonBlocks
+
+KERNELS = ["triton", "mosaic_tpu"]
+
+
+def reference(x, codes, scale, bias):
+    out = np.asarray(x, np.float64) @ codes.astype(np.float64) * np.asarray(scale, np.float64)
+    return out + (0 if bias is None else np.asarray(bias, np.float64))
+
+
+def operands(m, k, n, *, per_channel=True, with_bias=True, lead=(), seed=0):
+    rng = np.random.default_rng(seed + m + k + n)
+    codes = rng.integers(-1, 2, (k, n)).astype(np.int8)
+    x = rng.standard_normal((*lead, m, k)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, n if per_channel else 1).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    return x, codes, scale, bias
+
+
+def check(out, x, codes, scale, bias, dtype):
+    assert out.dtype == dtype
+    expected = reference(np.asarray(jnp.asarray(x, dtype), np.float32), codes, scale, bias)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=tol, atol=tol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("backend", ["xla", *KERNELS])
+@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (17, 300, 200)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("per_channel, with_bias", [(True, True), (False, False)], ids=["channel+bias", "tensor"])
+def test_backend_matches_numpy(backend, m, k, n, dtype, per_channel, with_bias):
+    x, codes, scale, bias = operands(m, k, n, per_channel=per_channel, with_bias=with_bias)
+    out = ternary_matmul(jnp.asarray(x, dtype), pack_ternary(codes), scale, bias, backend=backend, interpret=True)
+    check(out, x, codes, scale, bias, dtype)
+
+
+@pytest.mark.parametrize(
+    "backend, blocks, k",
+    [
+        ("triton", TritonBlocks(bm=16, bn=16, bkr=16, num_warps=4, num_stages=2), 300),
+        ("mosaic_tpu", MosaicBlocks(bm=16, bn=128, bkr=128), 1100),
+    ],
+)
+def test_kernel_walks_several_tiles_and_k_steps(backend, blocks, k):
+    x, codes, scale, bias = operands(40, k, 300)  # 3 M tiles, several N tiles, several K steps
+    out = ternary_matmul(jnp.asarray(x), pack_ternary(codes), scale, bias, backend=backend, interpret=True, blocks=blocks)
+    check(out, x, codes, scale, bias, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["xla", *KERNELS])
+def test_batched_leading_dimensions_under_jit_and_vmap(backend):
+    x, codes, scale, bias = operands(5, 36, 20, lead=(2, 3))
+    packed = pack_ternary(codes)
+    f = jax.jit(lambda x: ternary_matmul(x, packed, scale, bias, backend=backend, interpret=True))
+    check(f(jnp.asarray(x)), x, codes, scale, bias, jnp.float32)
+    g = jax.vmap(lambda xi: ternary_matmul(xi, packed, scale, bias, backend=backend, interpret=True))
+    check(g(jnp.asarray(x[0])), x[0], codes, scale, bias, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["xla", "triton"])
+def test_gradients_with_respect_to_x_scale_and_bias(backend):
+    x, codes, scale, bias = operands(4, 9, 6)
+    g = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    packed = pack_ternary(codes)
+
+    def loss(x, scale, bias):
+        return jnp.sum(ternary_matmul(x, packed, scale, bias, backend=backend, interpret=True) * g)
+
+    dx, dscale, dbias = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    np.testing.assert_allclose(np.asarray(dx), (g * scale) @ codes.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dscale), ((x @ codes) * g).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dbias), g.sum(0), rtol=1e-6)
+
+
+def test_auto_runs_xla_on_cpu():
+    x, codes, scale, bias = operands(3, 20, 8)
+    np.testing.assert_array_equal(
+        np.asarray(ternary_matmul(x, pack_ternary(codes), scale, bias)),
+        np.asarray(ternary_matmul(x, pack_ternary(codes), scale, bias, backend="xla")),
+    )
+
+
+H = 3072
+FLUX_DEV_LAYERS = {  # (K, N) of FLUX.1-dev's ternary layers
+    "qkv": (H, 3 * H), "proj": (H, H), "mlp_in": (H, 4 * H), "mlp_out": (4 * H, H),
+    "modulation": (H, 6 * H), "linear1": (H, 7 * H), "linear2": (5 * H, H),
+}
+ODD = {"odd": (130, 33), "tiny": (5, 7)}
+
+
+@pytest.mark.parametrize("platform, marker", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("name", [*FLUX_DEV_LAYERS, *ODD])
+@pytest.mark.parametrize("m", [1, 4608])
+def test_default_call_lowers_to_the_kernel(platform, marker, name, m):
+    k, n = {**FLUX_DEV_LAYERS, **ODD}[name]
+    args = (
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+        jax.ShapeDtypeStruct((-(-k // 4), n), jnp.uint8),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.float32),
+    )
+    exported = export.export(
+        jax.jit(lambda x, p, s, b: ternary_matmul(x, p, s, b)),
+        platforms=[platform],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args)
+    text = exported.mlir_module()
+    assert marker in text
+    assert exported.out_avals[0].shape == (m, n)
+
+
+def test_packed_flux_lowers_its_layers_to_kernels_for_both_platforms():
+    from flax import nnx
+
+    from flux_jax import FluxConfig
+    from flux_jax.ternary import build
+    from tests.torch_reference import random_inputs
+
+    config = FluxConfig.preset("tiny")
+    model = nnx.eval_shape(lambda: build(config, "packed", rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    inputs = random_inputs(config, batch=1)
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
+
+    def forward(state, inputs):
+        return nnx.merge(graphdef, state)(**inputs)
+
+    state_specs = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
+    for platform, marker in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
+        exported = export.export(jax.jit(forward), platforms=[platform],
+                                 disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(state_specs, specs)
+        per_block = 10 * config.depth + 3 * config.depth_single_blocks
+        assert exported.mlir_module().count(marker) >= per_block
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(backend="cuda"), "unknown ternary_matmul backend 'cuda'"),
+        (dict(backend="xla", blocks=MosaicBlocks(16, 128, 128)), "do not belong to backend 'xla'"),
+        (dict(backend="triton", blocks=MosaicBlocks(16, 128, 128)), "do not belong to backend 'triton'"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ternary_matmul(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.uint8), np.ones(2, np.float32), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x_shape, packed_shape, scale_shape, message",
+    [
+        ((2, 9), (2, 4), (4,), r"K=9 .* packed has 2 rows"),
+        ((2, 8), (2, 4), (3,), r"scale has shape \(3,\); packed has N=4"),
+    ],
+)
+def test_shapes_that_do_not_fit_name_both(x_shape, packed_shape, scale_shape, message):
+    with pytest.raises(ValueError, match=message):
+        ternary_matmul(np.zeros(x_shape, np.float32), np.zeros(packed_shape, np.uint8), np.ones(scale_shape, np.float32))
