@@ -167,3 +167,13 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_shapes_that_do_not_fit_name_both(x_shape, packed_shape, scale_shape, message):
     with pytest.raises(ValueError, match=message):
         ternary_matmul(np.zeros(x_shape, np.float32), np.zeros(packed_shape, np.uint8), np.ones(scale_shape, np.float32))
+
+
+def test_kernel_bench_runs_and_says_it_is_interpret_mode_on_cpu(capsys):
+    from pallas_kernels.bench import main
+
+    main(["--layers", "proj", "--m", "3", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "interpret mode" in out and "no performance figure" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("proj"))
+    assert float(row.split("|")[-1]) < 2e-2  # the kernel's bf16 output agrees with the bf16 dense matmul
