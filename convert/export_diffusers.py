@@ -8,7 +8,6 @@ bf16 by default, so `FluxTransformer2DModel.from_pretrained(OUT)` runs the stude
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from convert import layouts
 from convert.atomic import atomic_directory
-from convert.cli import reported_errors
+from convert.cli import reported_errors, src_out_parser
 from convert.errors import CheckpointError
 from convert.loader import load_flux
 from flux_jax.model import Flux
@@ -53,12 +52,9 @@ def export_diffusers(src: str | os.PathLike, out: str | os.PathLike, *, dtype: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="our checkpoint (student, packed or full precision), or anything load_flux reads")
-    parser.add_argument("out", help="output diffusers transformer folder (must not exist unless --overwrite)")
+    parser = src_out_parser(PROG, __doc__, src_help="our checkpoint (student, packed or full precision), or anything load_flux reads",
+                            out_help="output diffusers transformer folder")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     with reported_errors(PROG):
         out = export_diffusers(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)

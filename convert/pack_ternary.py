@@ -12,12 +12,11 @@ weights, for use outside JAX) and `--archive` OUT/archive.safetensors (base-3 co
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 from convert.atomic import atomic_directory
-from convert.cli import reported_errors
+from convert.cli import reported_errors, src_out_parser
 from convert.errors import CheckpointError
 from convert.loader import load_flux
 from convert.orbax_io import write_flux
@@ -54,14 +53,11 @@ def pack_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="a ternary student checkpoint, or a full-precision checkpoint (PTQ)")
-    parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    parser = src_out_parser(PROG, __doc__, src_help="a ternary student checkpoint, or a full-precision checkpoint (PTQ)",
+                            out_help="output folder")
     parser.add_argument("--per-tensor", action="store_true", help="PTQ only: one scale per tensor instead of per output channel")
     parser.add_argument("--archive", action="store_true", help="also write OUT/archive.safetensors (base-3 codes)")
     parser.add_argument("--safetensors", action="store_true", help="also write OUT/packed.safetensors")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     with reported_errors(PROG):
         out = pack_checkpoint(args.src, args.out, policy=QuantPolicy(per_channel=not args.per_tensor), archive=args.archive,

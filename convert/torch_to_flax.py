@@ -8,12 +8,11 @@ SRC is anything `convert.load_flux` takes. OUT appears only when the whole conve
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 from convert.atomic import atomic_directory
-from convert.cli import reported_errors
+from convert.cli import reported_errors, src_out_parser
 from convert.loader import load_flux
 from convert.orbax_io import write_flux
 
@@ -31,13 +30,10 @@ def convert_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="BFL .safetensors file, diffusers transformer or pipeline folder, cached hub id, or our checkpoint")
-    parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    parser = src_out_parser(PROG, __doc__, src_help="BFL .safetensors file, diffusers transformer or pipeline folder, cached hub id, or our checkpoint",
+                            out_help="output folder")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="parameter and compute dtype (default: float32 stays float32, anything else becomes bfloat16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     with reported_errors(PROG):
         out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
