@@ -265,7 +265,7 @@ def dense_leaves(model: Flux) -> Iterator[tuple[str, jax.Array]]:
     for path, var in nnx.to_flat_state(nnx.state(model)):
         owner, leaf = path[:-1], path[-1]
         if owner in ternary:
-            if leaf in ("bias",):
+            if leaf == "bias":
                 yield ".".join(map(str, path)), var[...]
             elif leaf in ("kernel", "codes"):
                 yield ".".join(map(str, (*owner, "kernel"))), ternary[owner].effective_kernel()
