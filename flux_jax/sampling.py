@@ -1,0 +1,92 @@
+"""FLUX's sampling pieces: 2x2 latent packing, position ids, the shifted flow-matching schedule and the
+Euler sampler, whose whole denoising loop is one compiled `lax.fori_loop`.
+
+Shapes: latents (B, C, H, W) with H, W the latent grid (image size / 8); packed (B, H/2 * W/2, 4C).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+
+def pack_latents(latents: jax.Array) -> jax.Array:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token, channels major."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: jax.Array, height: int, width: int) -> jax.Array:
+    """Inverse of `pack_latents` for a latent grid of `height` x `width`."""
+    b, n, c4 = packed.shape
+    if n != (height // 2) * (width // 2):
+        raise ValueError(f"{n} tokens do not make a {height}x{width} latent grid")
+    x = packed.reshape(b, height // 2, width // 2, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
+def image_ids(batch: int, height: int, width: int) -> np.ndarray:
+    """Position ids (B, H/2 * W/2, 3) of the packed tokens: (0, row, column)."""
+    ids = np.zeros((height // 2, width // 2, 3), np.float32)
+    ids[..., 1] = np.arange(height // 2)[:, None]
+    ids[..., 2] = np.arange(width // 2)[None, :]
+    return np.broadcast_to(ids.reshape(1, -1, 3), (batch, ids.shape[0] * ids.shape[1], 3)).copy()
+
+
+def text_ids(batch: int, length: int) -> np.ndarray:
+    """Text tokens all sit at position (0, 0, 0)."""
+    return np.zeros((batch, length, 3), np.float32)
+
+
+def shift_mu(image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift: linear in the token count through (256, 0.5) and (4096, 1.15)."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    return BASE_SHIFT + slope * (image_seq_len - BASE_SEQ_LEN)
+
+
+def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True) -> np.ndarray:
+    """Noise levels sigma_0 = 1 > ... > sigma_n = 0 (num_steps + 1 values); with `shift` (dev, not
+    schnell) each sigma becomes e^mu / (e^mu + 1/sigma - 1)."""
+    if num_steps < 1:
+        raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
+    sigmas = np.linspace(1.0, 0.0, num_steps + 1)
+    if shift:
+        mu = math.exp(shift_mu(image_seq_len))
+        with np.errstate(divide="ignore"):
+            sigmas = np.where(sigmas > 0, mu / (mu + (1.0 / np.maximum(sigmas, 1e-30) - 1.0)), 0.0)
+    return sigmas.astype(np.float32)
+
+
+def denoise(
+    model: nnx.Module,
+    img: jax.Array,
+    img_ids: jax.Array,
+    txt: jax.Array,
+    txt_ids: jax.Array,
+    y: jax.Array,
+    sigmas: jax.Array,
+    guidance: jax.Array | None = None,
+) -> jax.Array:
+    """Euler integration of the flow from sigma_0 to sigma_n: x <- x + (sigma_{i+1} - sigma_i) * v(x, sigma_i).
+
+    One `fori_loop` over the steps, so under jit the model is traced once whatever the step count.
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    batch = img.shape[0]
+
+    def step(i, x):
+        t = jnp.full((batch,), sigmas[i], jnp.float32)
+        v = model(x, img_ids, txt, txt_ids, t, y, guidance)
+        return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
+
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img)
