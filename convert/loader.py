@@ -50,7 +50,7 @@ def load_flux(
         return load_flux_checkpoint(location, dtype=dtype, mesh=mesh)
     if location.is_file() and location.suffix == ".safetensors" and file_format(location):
         return load_packed_safetensors(location, dtype=dtype, mesh=mesh)
-    tensors, config_json = _tensor_files(location)
+    tensors, config_json = find_tensor_files(location)
     return _load_safetensors(tensors, config_json, dtype=dtype, mesh=mesh, progress=progress)
 
 
@@ -74,7 +74,7 @@ def _locate(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{text}: no such file or folder")
 
 
-def _tensor_files(location: Path) -> tuple[SafetensorsFiles, Path | None]:
+def find_tensor_files(location: Path) -> tuple[SafetensorsFiles, Path | None]:
     """The safetensors files of a checkpoint and its diffusers config.json, if it has one."""
     if location.is_file():
         if location.suffix != ".safetensors":
@@ -82,7 +82,7 @@ def _tensor_files(location: Path) -> tuple[SafetensorsFiles, Path | None]:
         config_json = location.parent / "config.json"
         return SafetensorsFiles([location]), config_json if config_json.is_file() else None
     if (location / "transformer").is_dir() and not (location / "config.json").is_file():
-        return _tensor_files(location / "transformer")
+        return find_tensor_files(location / "transformer")
     indexes = sorted(location.glob("*.safetensors.index.json"))
     files = sorted(location.glob("*.safetensors"))
     config_json = location / "config.json" if (location / "config.json").is_file() else None

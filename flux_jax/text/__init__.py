@@ -1,0 +1,6 @@
+"""Text encoders FLUX conditions on: T5 v1.1 (token features) and CLIP-L (pooled vector)."""
+
+from flux_jax.text.clip import CLIPTextEncoder, CLIPTextEncoderConfig
+from flux_jax.text.t5 import T5Encoder, T5EncoderConfig
+
+__all__ = ["CLIPTextEncoder", "CLIPTextEncoderConfig", "T5Encoder", "T5EncoderConfig"]

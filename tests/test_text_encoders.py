@@ -1,0 +1,74 @@
+"""Our T5 and CLIP text encoders against transformers' T5EncoderModel and CLIPTextModel."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from convert import CheckpointError
+from convert.text_encoders import load_clip_text_encoder, load_t5_encoder
+from tests.torch_reference import assert_close
+
+
+def _randomize(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    config = T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu")
+    model = _randomize(T5EncoderModel(config), 0)
+    folder = tmp_path_factory.mktemp("t5")
+    model.save_pretrained(folder, max_shard_size="20KB")
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    config = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=16, eos_token_id=98, bos_token_id=97, pad_token_id=98)
+    model = _randomize(CLIPTextModel(config), 1)
+    folder = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_t5_encoder_matches_transformers(t5):
+    reference, folder = t5
+    ours = load_t5_encoder(folder)
+    ids = np.random.default_rng(0).integers(0, 120, (2, 30))  # longer than max_distance: log-spaced buckets
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).last_hidden_state.numpy()
+    assert_close(np.asarray(ours(ids)), expected)
+    mask = np.ones_like(ids)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    assert_close(np.asarray(ours(ids, mask))[:, :20], expected[:, :20])
+
+
+def test_clip_text_encoder_matches_transformers_hidden_and_pooled(clip):
+    reference, folder = clip
+    ours = load_clip_text_encoder(folder)
+    ids = np.random.default_rng(1).integers(0, 97, (3, 16))
+    ids[:, 0] = 97
+    ids[0, 5], ids[1, 15], ids[2, 9:] = 98, 98, 98  # end-of-text at different places, padded with it
+    with torch.no_grad():
+        out = reference(torch.from_numpy(ids))
+    hidden, pooled = ours(ids)
+    assert_close(np.asarray(hidden), out.last_hidden_state.numpy())
+    assert_close(np.asarray(pooled), out.pooler_output.numpy())
+
+
+def test_encoders_name_what_is_missing(t5, clip, tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_t5_encoder(tmp_path)
+    with pytest.raises(CheckpointError, match="describes a 'clip_text_model' model, not 't5'"):
+        load_t5_encoder(clip[1])
+    with pytest.raises(CheckpointError, match="describes a 't5' model"):
+        load_clip_text_encoder(t5[1])
