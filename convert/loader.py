@@ -97,7 +97,7 @@ def find_tensor_files(location: Path) -> tuple[SafetensorsFiles, Path | None]:
             raise CheckpointError(f"{location}: several safetensors files and no index or config.json; name one")
     if not files:
         what = "empty folder" if not any(location.iterdir()) else "no safetensors files"
-        raise CheckpointError(f"{location}: {what} (expected a FLUX transformer checkpoint)")
+        raise CheckpointError(f"{location}: {what} (expected weights in safetensors files)")
     return SafetensorsFiles(files, name=str(location) if len(files) > 1 else None), config_json
 
 
