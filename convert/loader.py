@@ -45,7 +45,7 @@ def load_flux(
     mesh: place each parameter straight into its shards (logical rules of `flux_jax.sharding`).
     Raises CheckpointError naming the file, folder or key at fault.
     """
-    location = _locate(path)
+    location = locate(path)
     if location.is_dir() and is_flux_checkpoint(location):
         return load_flux_checkpoint(location, dtype=dtype, mesh=mesh)
     if location.is_file() and location.suffix == ".safetensors" and file_format(location):
@@ -54,7 +54,7 @@ def load_flux(
     return _load_safetensors(tensors, config_json, dtype=dtype, mesh=mesh, progress=progress)
 
 
-def _locate(path: str | os.PathLike) -> Path:
+def locate(path: str | os.PathLike) -> Path:
     """A local path, or the snapshot folder of a hub id found in the local Hugging Face cache."""
     local = Path(path).expanduser()
     if local.exists():

@@ -3,7 +3,11 @@
     python -m convert.torch_to_flax black-forest-labs/FLUX.1-dev ~/ckpt/flux-dev
     python -m convert.torch_to_flax flux1-schnell.safetensors ~/ckpt/flux-schnell --dtype bfloat16
 
-SRC is anything `convert.load_flux` takes. OUT appears only when the whole conversion succeeded.
+    python -m convert.torch_to_flax --pipeline black-forest-labs/FLUX.1-dev ckpt/flux-dev-bundle
+
+SRC is anything `convert.load_flux` takes; with --pipeline, a whole pipeline folder (or hub id), which
+becomes one bundle for `flux_jax.FluxPipeline`: the transformer converted, the other components copied.
+OUT appears only when the whole conversion succeeded.
 """
 
 from __future__ import annotations
@@ -15,28 +19,35 @@ from convert.atomic import atomic_directory
 from convert.cli import reported_errors, src_out_parser
 from convert.loader import load_flux
 from convert.orbax_io import write_flux
+from convert.pipeline_io import write_bundle
 
 PROG = "python -m convert.torch_to_flax"
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False, progress: bool = True
+    src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False,
+    progress: bool = True, pipeline: bool = False,
 ) -> Path:
     """Streams SRC's tensors into a Flax model (one model copy plus one tensor in host memory) and
     writes it to OUT as Orbax + flux_jax.json, through a temporary folder renamed at the end."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_flux(load_flux(src, dtype=dtype, progress=progress), tmp)
+        if pipeline:
+            write_bundle(src, tmp, dtype=dtype, progress=progress)
+        else:
+            write_flux(load_flux(src, dtype=dtype, progress=progress), tmp)
     return Path(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = src_out_parser(PROG, __doc__, src_help="BFL .safetensors file, diffusers transformer or pipeline folder, cached hub id, or our checkpoint",
                             out_help="output folder")
+    parser.add_argument("--pipeline", action="store_true", help="SRC is a whole pipeline folder: write a FluxPipeline bundle")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="parameter and compute dtype (default: float32 stays float32, anything else becomes bfloat16)")
     args = parser.parse_args(argv)
     with reported_errors(PROG):
-        out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                                 pipeline=args.pipeline)
     print(f"wrote {out}")
 
 

@@ -7,6 +7,7 @@ Shapes: latents (B, C, H, W) with H, W the latent grid (image size / 8); packed 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,10 +77,12 @@ def denoise(
     y: jax.Array,
     sigmas: jax.Array,
     guidance: jax.Array | None = None,
+    callback: Callable[[int], None] | None = None,
 ) -> jax.Array:
     """Euler integration of the flow from sigma_0 to sigma_n: x <- x + (sigma_{i+1} - sigma_i) * v(x, sigma_i).
 
     One `fori_loop` over the steps, so under jit the model is traced once whatever the step count.
+    `callback(i)` runs on the host after step i (progress bars).
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     batch = img.shape[0]
@@ -87,6 +90,8 @@ def denoise(
     def step(i, x):
         t = jnp.full((batch,), sigmas[i], jnp.float32)
         v = model(x, img_ids, txt, txt_ids, t, y, guidance)
+        if callback is not None:
+            jax.debug.callback(lambda step, _: callback(int(step)), i, v[0, 0, 0])  # after the step
         return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img)

@@ -1,0 +1,132 @@
+"""`FluxPipeline`: prompts in, images out, all in JAX (text encoders, transformer, sampler, VAE).
+
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")   # or a folder, or our bundle
+    images = pipe("a red fox in the snow", height=1024, width=1024, steps=28, guidance=3.5, seed=0)
+
+The transformer may be full precision, a ternary student or a packed model: whatever
+`convert.load_flux` reads from the folder's `transformer/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flux_jax.model import Flux
+from flux_jax.sampling import denoise, image_ids, pack_latents, schedule, text_ids, unpack_latents
+from flux_jax.text import CLIPTextEncoder, T5Encoder
+from flux_jax.vae import AutoencoderKL
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """What the scheduler and tokenizers of a FLUX release fix: dev shifts its schedule, schnell not."""
+
+    dynamic_shift: bool = True
+    max_sequence_length: int = 512
+    default_steps: int = 28
+    default_guidance: float = 3.5
+
+
+def tokenize(tokenizer, prompts: Sequence[str], max_length: int, name: str) -> np.ndarray:
+    """Token ids (B, max_length), padded; a prompt longer than max_length is truncated with a warning."""
+    for prompt in prompts:
+        length = len(tokenizer(prompt, truncation=False)["input_ids"])
+        if length > max_length:
+            warnings.warn(f"{name}: prompt {prompt!r} has {length} tokens; only the first {max_length} are used", stacklevel=3)
+    out = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
+    return np.asarray(out["input_ids"], np.int32)
+
+
+class FluxPipeline:
+    def __init__(self, transformer: Flux, vae: AutoencoderKL, clip: CLIPTextEncoder, t5: T5Encoder,
+                 clip_tokenizer, t5_tokenizer, settings: PipelineSettings = PipelineSettings()):
+        self.transformer, self.vae, self.clip, self.t5 = transformer, vae, clip, t5
+        self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
+        self.settings = settings
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._encode = nnx.jit(lambda clip, t5, clip_ids, t5_ids: (clip(clip_ids)[1], t5(t5_ids)))
+        self._generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> FluxPipeline:
+        """A diffusers pipeline folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+        tokenizer_2/, scheduler/), a hub id in the local Hugging Face cache, or our converted bundle.
+        Raises convert.CheckpointError naming a missing component."""
+        from convert.pipeline_io import load_pipeline_components
+
+        return cls(**load_pipeline_components(path_or_id, dtype=dtype, mesh=mesh))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """(pooled CLIP vectors (B, 768), T5 token features (B, S, 4096))."""
+        clip_length = min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings)
+        clip_ids = tokenize(self.clip_tokenizer, prompts, clip_length, "CLIP")
+        t5_ids = tokenize(self.t5_tokenizer, prompts, self.settings.max_sequence_length, "T5")
+        return self._encode(self.clip, self.t5, clip_ids, t5_ids)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+        latents: Any = None,
+        output_type: str = "pil",
+        progress: Callable[[int], None] | None = None,
+    ):
+        """Images for `prompt` (a string or a list). `latents`: initial noise, packed (B, L, 4C) as in
+        diffusers; by default drawn from `seed`. output_type "pil" (PIL images), "np" (float arrays in
+        [0, 1], (B, H, W, 3)). `progress(step)` is called after each denoising step."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = self.settings.default_steps if steps is None else steps
+        guidance = self.settings.default_guidance if guidance is None else guidance
+        multiple = 2 * self.vae_scale_factor
+        if not prompts:
+            raise ValueError("the prompt list is empty")
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        pooled, features = self.encode_prompts(prompts)
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        channels = self.transformer.config.in_channels // 4
+        if latents is None:
+            latents = pack_latents(jax.random.normal(jax.random.key(seed), (len(prompts), channels, h, w), jnp.float32))
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != (len(prompts), (h // 2) * (w // 2), 4 * channels):
+            raise ValueError(f"latents have shape {latents.shape}, expected {(len(prompts), (h // 2) * (w // 2), 4 * channels)}")
+        sigmas = schedule(steps, latents.shape[1], shift=self.settings.dynamic_shift)
+        g = jnp.full((len(prompts),), guidance, jnp.float32) if self.transformer.config.guidance_embed else None
+        images = self._generate(self.transformer, self.vae, latents, features, pooled, jnp.asarray(sigmas), g,
+                                height=h, width=w, progress=progress)
+        images = np.asarray(images)
+        if output_type == "np":
+            return images
+        from PIL import Image
+
+        return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
+
+
+def _generate(transformer, vae, latents, features, pooled, sigmas, guidance, *, height, width, progress):
+    """Denoise (one compiled loop) and decode: packed noise -> images (B, H, W, 3) in [0, 1]."""
+    batch, length = features.shape[:2]
+    dtype = jnp.dtype(transformer.config.dtype)
+    x = denoise(transformer, latents.astype(dtype), jnp.asarray(image_ids(batch, height, width)), features.astype(dtype),
+                jnp.asarray(text_ids(batch, length)), pooled.astype(dtype), sigmas, guidance, callback=progress)
+    z = unpack_latents(x.astype(jnp.float32), height, width)
+    z = z / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(jnp.transpose(z, (0, 2, 3, 1)))
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)

@@ -1,0 +1,58 @@
+"""A tiny, complete diffusers FluxPipeline built offline: random components and word-level tokenizers
+trained on nothing (built with the tokenizers library, saved in the Hugging Face layout)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from tests.torch_reference import TINY_DEV, diffusers_model
+
+WORDS = "a an the red blue green fox cat dog in on snow grass digit seven three handwritten photo of small big".split()
+
+
+def word_tokenizer(specials: list[str], template: str, *, model_max_length: int, **named) -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in specials if t in template])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", model_max_length=model_max_length, **named)
+
+
+def _randomize(model, scale=0.2):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return model.eval()
+
+
+def tiny_pipeline(seed: int = 0) -> FluxPipeline:
+    torch.manual_seed(seed)
+    clip_tokenizer = word_tokenizer(["<unk>", "<x>", "<bos>", "<eos>"], "<bos> $A <eos>", model_max_length=16,
+                                    bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+    t5_tokenizer = word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", model_max_length=512,
+                                  eos_token="</s>", pad_token="<pad>")
+    clip = _randomize(CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tokenizer), hidden_size=TINY_DEV.vec_in_dim, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=3)))
+    t5 = _randomize(T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=TINY_DEV.context_in_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu")))
+    vae = _randomize(AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=TINY_DEV.in_channels // 4, block_out_channels=(8, 16, 16),
+        layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5,
+                        tokenizer_2=t5_tokenizer, transformer=diffusers_model(TINY_DEV, seed))
+
+
+def packed_noise(batch: int, height: int, width: int, vae_scale: int = 4, seed: int = 0) -> np.ndarray:
+    h, w = height // vae_scale, width // vae_scale
+    return np.random.default_rng(seed).standard_normal((batch, (h // 2) * (w // 2), TINY_DEV.in_channels)).astype(np.float32)

@@ -1,0 +1,81 @@
+"""FluxPipeline end to end against diffusers' FluxPipeline with the same tiny components and noise."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from convert import CheckpointError
+from convert.torch_to_flax import convert_checkpoint
+from flux_jax.pipeline import FluxPipeline
+from tests.pipeline_reference import packed_noise, tiny_pipeline
+
+PROMPTS = ["a red fox in the snow", "a photo of a small blue cat"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    pipe = tiny_pipeline()
+    folder = tmp_path_factory.mktemp("pipeline")
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def run_reference(pipe, latents, height, width, steps, guidance=3.5):
+    with torch.no_grad():
+        return pipe(PROMPTS, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                    latents=torch.from_numpy(latents), output_type="np", max_sequence_length=512).images
+
+
+def test_images_match_diffusers_flux_pipeline(reference):
+    pipe, folder = reference
+    ours = FluxPipeline.from_pretrained(folder)
+    latents = packed_noise(2, 32, 48)
+    expected = run_reference(pipe, latents, 32, 48, steps=3)
+    got = ours(PROMPTS, height=32, width=48, steps=3, guidance=3.5, latents=latents, output_type="np")
+    assert got.shape == expected.shape == (2, 32, 48, 3)
+    assert np.abs(got - expected).max() < 2e-3, np.abs(got - expected).max()
+    assert expected.std() > 0.01  # not a blank image
+
+
+def test_bundle_and_pil_output_and_progress(reference, tmp_path):
+    _, folder = reference
+    convert_checkpoint(folder, tmp_path / "bundle", pipeline=True, progress=False)
+    assert (tmp_path / "bundle" / "transformer" / "flux_jax.json").is_file()
+    pipe = FluxPipeline.from_pretrained(tmp_path / "bundle")
+    steps_seen = []
+    images = pipe("a green dog", height=32, width=32, steps=2, seed=3, progress=steps_seen.append)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert sorted(steps_seen) == [0, 1]
+    again = pipe("a green dog", height=32, width=32, steps=2, seed=3, output_type="np")
+    np.testing.assert_array_equal(np.asarray(images[0]), (again[0] * 255).round().astype(np.uint8))
+
+
+def test_truncated_prompt_warns_and_names_it(reference):
+    pipe = FluxPipeline.from_pretrained(reference[1])
+    long = " ".join(["red"] * 40)
+    with pytest.warns(UserWarning, match="CLIP: prompt 'red red"):
+        pipe(long, height=16, width=16, steps=1, output_type="np")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=[]), "prompt list is empty"),
+        (dict(prompt="a cat", height=20), "multiples of 8"),
+        (dict(prompt="a cat", steps=-1), "at least 1"),
+    ],
+)
+def test_bad_calls_are_refused(reference, kwargs, message):
+    pipe = FluxPipeline.from_pretrained(reference[1])
+    with pytest.raises(ValueError, match=message):
+        pipe(kwargs.pop("prompt"), **{"height": 16, "width": 16, **kwargs})
+
+
+def test_folder_missing_a_component_is_named(reference, tmp_path):
+    for component in os.listdir(reference[1]):
+        if component != "vae" and (reference[1] / component).is_dir():
+            os.symlink(reference[1] / component, tmp_path / component)
+    with pytest.raises(CheckpointError, match="missing component vae/"):
+        FluxPipeline.from_pretrained(tmp_path)
