@@ -79,3 +79,27 @@ def test_folder_missing_a_component_is_named(reference, tmp_path):
             os.symlink(reference[1] / component, tmp_path / component)
     with pytest.raises(CheckpointError, match="missing component vae/"):
         FluxPipeline.from_pretrained(tmp_path)
+
+
+def test_generate_cli_writes_pngs_and_reports_speed(reference, tmp_path, capsys):
+    from PIL import Image
+
+    from flux_jax.generate import main
+
+    main(["--model", str(reference[1]), "--prompt", "a red cat", "--steps", "2", "--height", "32", "--width", "16",
+          "--batch", "2", "--seed", "7", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "s/step" in out
+    assert sorted(os.listdir(tmp_path / "out")) == ["7-0.png", "7-1.png"]
+    assert Image.open(tmp_path / "out" / "7-0.png").size == (16, 32)
+
+
+@pytest.mark.parametrize("argv, message", [(["--height", "20"], "multiples of 8"), (["--steps", "-3"], "at least 1")])
+def test_generate_cli_bad_input_is_one_line_and_writes_nothing(reference, tmp_path, capsys, argv, message):
+    from flux_jax.generate import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(reference[1]), "--prompt", "a cat", "--out", str(tmp_path / "out"), *argv])
+    assert info.value.code == 1
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
