@@ -2,5 +2,6 @@
 
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
+from flux_jax.pipeline import FluxPipeline
 
-__all__ = ["Flux", "FluxConfig"]
+__all__ = ["Flux", "FluxConfig", "FluxPipeline"]

@@ -1,26 +1,17 @@
-"""A tiny, complete diffusers FluxPipeline built offline: random components and word-level tokenizers
-trained on nothing (built with the tokenizers library, saved in the Hugging Face layout)."""
+"""A tiny, complete diffusers FluxPipeline built offline: random components and word-level tokenizers."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from flux_jax.text.tokenizers import clip_word_tokenizer, t5_word_tokenizer
 
 from tests.torch_reference import TINY_DEV, diffusers_model
 
 WORDS = "a an the red blue green fox cat dog in on snow grass digit seven three handwritten photo of small big".split()
-
-
-def word_tokenizer(specials: list[str], template: str, *, model_max_length: int, **named) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(specials + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(t, vocab[t]) for t in specials if t in template])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", model_max_length=model_max_length, **named)
 
 
 def _randomize(model, scale=0.2):
@@ -32,10 +23,8 @@ def _randomize(model, scale=0.2):
 
 def tiny_pipeline(seed: int = 0) -> FluxPipeline:
     torch.manual_seed(seed)
-    clip_tokenizer = word_tokenizer(["<unk>", "<x>", "<bos>", "<eos>"], "<bos> $A <eos>", model_max_length=16,
-                                    bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
-    t5_tokenizer = word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", model_max_length=512,
-                                  eos_token="</s>", pad_token="<pad>")
+    clip_tokenizer = clip_word_tokenizer(WORDS, model_max_length=16)
+    t5_tokenizer = t5_word_tokenizer(WORDS)
     clip = _randomize(CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_tokenizer), hidden_size=TINY_DEV.vec_in_dim, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=3)))
