@@ -43,3 +43,12 @@ def fill(
             value = value.astype(var.dtype)
         filled.append((path, var.replace(jax.device_put(value, leaf_sharding(var, mesh)))))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def shard(model: M, mesh: Mesh) -> M:
+    """`model` with every variable moved to its place on `mesh` by its logical names."""
+    state = nnx.state(model)
+    placed = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], leaf_sharding(v, mesh))), state,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, placed)
+    return model

@@ -224,9 +224,11 @@ def _lowrank_init(w: np.ndarray, wq: np.ndarray, rank: int) -> tuple[np.ndarray,
     return u[:, :rank] * root, root[:, None] * vt[:rank]
 
 
-def quantize_model(model: Flux, policy: QuantPolicy = QuantPolicy()) -> Flux:
-    """A ternary student initialised from `model`'s weights (copied: the teacher is left untouched)."""
-    abstract = nnx.eval_shape(lambda: build(model.config, "student", policy, rngs=nnx.Rngs(0)))
+def quantize_model(model: Flux, policy: QuantPolicy = QuantPolicy(), *, config: FluxConfig | None = None) -> Flux:
+    """A ternary student initialised from `model`'s weights (copied: the teacher is left untouched).
+
+    `config` (default the teacher's) may change dtypes or remat, not shapes."""
+    abstract = nnx.eval_shape(lambda: build(config or model.config, "student", policy, rngs=nnx.Rngs(0)))
     teacher = _flat(nnx.state(model, nnx.Param))
     values = {path: jnp.array(var[...], copy=True) for path, var in teacher.items()}
     for path, module in nnx.iter_graph(abstract):

@@ -1,0 +1,161 @@
+"""The distillation trainer on CPU: learning, sharding invariance, exact resume, preemption, bad input."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from convert import CheckpointError
+from flux_jax import Flux, FluxConfig
+from flux_jax.sampling import schedule
+from flux_jax.ternary import quantize_model
+from train import checkpointing, distill
+from train.config import DistillConfig, MeshConfig
+from train.data import DataError, PromptEmbeddings, position_ids
+from train.mesh import MeshError
+
+BASE = DistillConfig(teacher="tiny", num_random_prompts=16, text_length=4, latent_height=8, latent_width=8, batch_size=8,
+                     sampler_steps=3, learning_rate=1e-3, warmup_steps=2, steps=6, save_every=2, log_every=1,
+                     mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+
+
+def run(tmp_path, name, **changes):
+    return distill.train(dataclasses.replace(BASE, workdir=str(tmp_path / name), **changes))
+
+
+def fixed_states_loss(student, teacher):
+    """The velocity loss on fixed states drawn once from the teacher's trajectories."""
+    prompts = PromptEmbeddings.random(8, 4, teacher.config, seed=123)
+    img_ids, txt_ids = position_ids(8, 8, 8, 4)
+    x = jax.random.normal(jax.random.key(5), (8, 16, teacher.config.in_channels))
+    t = jnp.asarray(schedule(3, 16)[:3].repeat(3)[:8])
+    g = jnp.full((8,), 3.5)
+    return float(distill.velocity_loss(student, teacher, x, t, img_ids, prompts.txt, txt_ids, prompts.y, g))
+
+
+def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
+    result = run(tmp_path, "run", steps=80, learning_rate=3e-3, save_every=80)
+    teacher = Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(BASE.seed))  # the trainer's random teacher
+    before = fixed_states_loss(quantize_model(teacher), teacher)
+    after = fixed_states_loss(result["student"], teacher)
+    assert after < 0.75 * before, (before, after)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 81))
+    assert {"loss", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(rows[0])
+
+
+def test_eight_devices_give_the_losses_of_one(tmp_path):
+    one = run(tmp_path, "one", steps=3)["losses"]
+    eight = run(tmp_path, "eight", steps=3, mesh=MeshConfig(data=2, fsdp=4, tensor=1))["losses"]
+    assert one.keys() == eight.keys()
+    np.testing.assert_allclose([eight[k] for k in one], [one[k] for k in one], rtol=1e-4)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(monkeypatch, crash_step):
+    """Kill the run right after it saved `crash_step` (as a preempted machine would die)."""
+    save = checkpointing.save
+
+    def saving_then_crashing(mngr, step, state, force=False):
+        saved = save(mngr, step, state, force=force)
+        if step == crash_step:
+            mngr.wait_until_finished()
+            raise Crash(step)
+        return saved
+
+    monkeypatch.setattr(checkpointing, "save", saving_then_crashing)
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    straight = run(tmp_path, "straight")["losses"]
+    with monkeypatch.context() as patch:
+        crash_after(patch, 4)
+        with pytest.raises(Crash):
+            run(tmp_path, "resumed")
+    resumed = run(tmp_path, "resumed")["losses"]
+    assert sorted(resumed) == [5, 6]
+    np.testing.assert_allclose([resumed[5], resumed[6]], [straight[5], straight[6]], rtol=1e-6)
+
+
+def test_resume_onto_a_smaller_mesh(tmp_path, monkeypatch):
+    big = MeshConfig(data=1, fsdp=8, tensor=1)
+    straight = run(tmp_path, "straight", mesh=big)["losses"]
+    with monkeypatch.context() as patch:
+        crash_after(patch, 2)
+        with pytest.raises(Crash):
+            run(tmp_path, "moved", mesh=big)
+    moved = run(tmp_path, "moved", mesh=MeshConfig(data=1, fsdp=4, tensor=1))["losses"]
+    np.testing.assert_allclose([moved[k] for k in (3, 4)], [straight[k] for k in (3, 4)], rtol=1e-4)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = distill.velocity_loss
+    # nan whenever the state is not pure noise (t < 1): the first such step breaks the run
+    monkeypatch.setattr(distill, "velocity_loss", lambda *a: real(*a) * jnp.where(a[3][0] < 0.99, jnp.nan, 1.0))
+    with pytest.raises(distill.TrainingError, match=r"loss is nan at step \d+; stopped without saving") as info:
+        run(tmp_path, "nan", steps=12, save_every=1, sampler_steps=2)
+    failed = int(str(info.value).split("at step ")[1].split(";")[0])
+    saved = sorted(int(p) for p in os.listdir(tmp_path / "nan" / "checkpoints") if p.isdigit())
+    assert failed > 1 and saved[-1] == failed - 1
+    assert f"the last good checkpoint is step {failed - 1}" in str(info.value)
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train.distill", "smoke", "--steps", "100000", "--save-every", "100000", "--log-every", "1",
+         "--workdir", str(workdir), "--latent-height", "8", "--latent-width", "8", "--sampler-steps", "2",
+         "--mesh.fsdp", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 240
+    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    assert "preempted, saved at step" in out
+    saved = int(out.split("saved at step ")[1].split(";")[0])
+    assert saved >= 1 and (workdir / "checkpoints" / str(saved)).is_dir()
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        (dict(teacher="/nonexistent/teacher"), CheckpointError, "no such file or folder"),
+        (dict(mesh=MeshConfig(data=3, fsdp=1, tensor=1)), MeshError, "does not divide the 8 devices"),
+        (dict(batch_size=6, mesh=MeshConfig(data=1, fsdp=4, tensor=1)), distill.ConfigError, "not divisible by the data axes"),
+    ],
+)
+def test_bad_configs_give_one_clear_error(tmp_path, changes, error, message):
+    with pytest.raises(error, match=message):
+        run(tmp_path, "bad", **changes)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_empty_prompt_file_is_named(tmp_path):
+    np.savez(tmp_path / "empty.npz", txt=np.zeros((0, 4, 48), np.float32), y=np.zeros((0, 32), np.float32))
+    with pytest.raises(DataError, match="empty.npz: holds no prompts"):
+        run(tmp_path, "bad", prompts=str(tmp_path / "empty.npz"))
+
+
+def test_cli_unknown_flag_and_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        distill.main(["smoke", "--no-such-flag", "3"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        distill.main(["smoke", "--teacher", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")])
+    assert info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m train.distill: error:")

@@ -1,0 +1,68 @@
+"""Run configuration of `python -m train.distill`: dataclasses with presets, every field a flag.
+
+    python -m train.distill smoke --steps 50 --mesh.fsdp 8
+    python -m train.distill flux-dev --teacher black-forest-labs/FLUX.1-dev --prompts embeds.npz --workdir gs://b/run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 on one axis takes every device the others leave."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Data-free distillation of a ternary student from a full-precision FLUX teacher."""
+
+    teacher: str = "tiny"
+    """anything convert.load_flux reads, or a FluxConfig preset name for a random teacher (smoke runs)"""
+    workdir: str = "runs/distill"
+    """checkpoints (workdir/checkpoints) and metrics (workdir/metrics.jsonl); resumed from if present"""
+    prompts: str | None = None
+    """.npz of precomputed text embeddings: txt (N, S, context_in_dim), y (N, vec_in_dim); None: random ones"""
+    num_random_prompts: int = 64
+    text_length: int = 8
+    latent_height: int = 16
+    """latent grid of the training states (image size / 8); packed to (height/2) * (width/2) tokens"""
+    latent_width: int = 16
+    steps: int = 200
+    batch_size: int = 8
+    sampler_steps: int = 8
+    """length of the teacher trajectories the training states are drawn from"""
+    guidance_min: float = 1.0
+    guidance_max: float = 5.0
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    per_channel: bool = True
+    learnable_scale: bool = False
+    lowrank_rank: int = 0
+    student_dtype: str = "float32"
+    """dtype of the student's latent weights (optimizer state is float32)"""
+    remat: bool = False
+    mesh: MeshConfig = MeshConfig()
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+
+
+PRESETS: dict[str, tuple[str, DistillConfig]] = {
+    "smoke": ("a tiny random teacher, seconds on a laptop", DistillConfig(steps=30, save_every=10, log_every=5)),
+    "flux-dev": (
+        "FLUX.1-dev at 1024x1024 (needs --teacher and --prompts)",
+        DistillConfig(teacher="black-forest-labs/FLUX.1-dev", latent_height=128, latent_width=128, batch_size=32,
+                      steps=20_000, sampler_steps=28, learning_rate=1e-5, warmup_steps=500, student_dtype="bfloat16",
+                      remat=True, save_every=500, log_every=10),
+    ),
+}

@@ -1,0 +1,187 @@
+"""`python -m train.distill`: data-free distillation of a ternary FLUX student from its full-precision
+teacher. The teacher is the only source of signal: states come from its own sampler trajectories
+from noise, and the loss is the MSE between student and teacher velocities at those states.
+
+    python -m train.distill                                   # the smoke preset: a tiny random teacher
+    python -m train.distill smoke --steps 100 --mesh.fsdp 8
+    python -m train.distill flux-dev --teacher black-forest-labs/FLUX.1-dev --prompts embeds.npz --workdir gs://b/run
+
+One flat loop: mesh -> teacher, student, optimizer -> resume -> jit step -> log -> checkpoint. A run
+resumes from the latest checkpoint in its workdir, on any mesh; SIGTERM saves and exits; a non-finite
+loss stops the run and leaves the last good checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from convert import CheckpointError, load_flux
+from flux_jax.config import PRESETS as MODEL_PRESETS
+from flux_jax.config import FluxConfig
+from flux_jax.model import Flux
+from flux_jax.params import shard
+from flux_jax.ternary import QuantPolicy, quantize_model
+from train import checkpointing
+from train.config import PRESETS, DistillConfig
+from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, trajectory_state
+from train.mesh import MeshError, make_mesh
+
+PROG = "python -m train.distill"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message says where the last good checkpoint is."""
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_teacher(spec: str, mesh, seed: int) -> Flux:
+    """A FluxConfig preset name gives a random teacher (smoke runs); anything else goes to load_flux."""
+    if spec in MODEL_PRESETS:
+        with jax.set_mesh(mesh):
+            return Flux(FluxConfig.preset(spec), rngs=nnx.Rngs(seed))
+    return load_flux(spec, mesh=mesh)
+
+
+def learning_rate(config: DistillConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to 0 at the last step."""
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
+                                              max(config.steps, config.warmup_steps + 1))
+
+
+def optimizer_for(config: DistillConfig) -> optax.GradientTransformation:
+    """AdamW (float32 moments) with warmup + cosine decay and global-norm clipping; optional accumulation."""
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                     optax.adamw(learning_rate(config), weight_decay=config.weight_decay))
+    return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
+
+
+def velocity_loss(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance):
+    """MSE between the student's and the frozen teacher's velocity at the same state."""
+    target = jax.lax.stop_gradient(teacher(x, img_ids, txt, txt_ids, t, y, guidance)).astype(jnp.float32)
+    return jnp.mean(jnp.square(student(x, img_ids, txt, txt_ids, t, y, guidance).astype(jnp.float32) - target))
+
+
+def _check(config: DistillConfig, mesh) -> None:
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % data_parallel:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data axes (data x fsdp = {data_parallel})")
+    if config.latent_height % 2 or config.latent_width % 2:
+        raise ConfigError(f"latent_height and latent_width must be even, got {config.latent_height}x{config.latent_width}")
+    if min(config.steps, config.sampler_steps, config.grad_accum, config.save_every, config.log_every) < 1:
+        raise ConfigError("steps, sampler_steps, grad_accum, save_every and log_every must be at least 1")
+
+
+def train(config: DistillConfig) -> dict:
+    """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}."""
+    mesh = make_mesh(config.mesh)
+    _check(config, mesh)
+    teacher = load_teacher(config.teacher, mesh, config.seed)
+    prompts = (PromptEmbeddings.load(config.prompts, teacher.config) if config.prompts
+               else PromptEmbeddings.random(config.num_random_prompts, config.text_length, teacher.config, config.seed))
+    policy = QuantPolicy(per_channel=config.per_channel, learnable_scale=config.learnable_scale, lowrank_rank=config.lowrank_rank)
+    student_config = teacher.config.replace(param_dtype=config.student_dtype, remat=config.remat)
+    with jax.set_mesh(mesh):
+        student = shard(quantize_model(teacher, policy, config=student_config), mesh)
+        optimizer = nnx.Optimizer(student, optimizer_for(config), wrt=nnx.Param)
+
+    mngr = checkpointing.manager(config.workdir, save_every=config.save_every, keep=config.keep_checkpoints)
+    start = 0
+    if mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        state = checkpointing.restore(mngr, start, nnx.state((student, optimizer)))
+        nnx.update((student, optimizer), state)
+
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    tokens = (config.latent_height // 2) * (config.latent_width // 2)
+    img_ids, txt_ids = position_ids(config.batch_size, config.latent_height, config.latent_width, prompts.txt.shape[1])
+    guided = teacher.config.guidance_embed
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(student, optimizer, teacher, txt, y, key):
+        k_noise, k_guidance, k_state = jax.random.split(key, 3)
+        noise = jax.random.normal(k_noise, (txt.shape[0], tokens, teacher.config.in_channels), jnp.float32)
+        guidance = jax.random.uniform(k_guidance, (txt.shape[0],), minval=config.guidance_min, maxval=config.guidance_max) if guided else None
+        x, t = trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, k_state, sampler_steps=config.sampler_steps)
+        loss, grads = nnx.value_and_grad(velocity_loss)(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance)
+        optimizer.update(student, grads)
+        return loss, optax.tree.norm(grads)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    is_main = jax.process_index() == 0
+    metrics_path = epath.Path(config.workdir) / "metrics.jsonl"
+    lr = learning_rate(config)
+    losses: dict[int, float] = {}
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill", disable=not is_main)
+    try:
+        for step in bar:
+            rows = batch_indices(len(prompts.txt), config.batch_size, config.seed, step)
+            txt = jax.device_put(prompts.txt[rows], batch_sharding)
+            y = jax.device_put(prompts.y[rows], batch_sharding)
+            began = time.perf_counter()
+            with jax.set_mesh(mesh):
+                loss, grad_norm = train_step(student, optimizer, teacher, txt, y, jax.random.fold_in(jax.random.key(config.seed), step))
+            loss = float(loss)
+            seconds = time.perf_counter() - began
+            if not np.isfinite(loss):
+                mngr.wait_until_finished()
+                raise TrainingError(f"loss is {loss} at step {step + 1}; stopped without saving; the last good checkpoint "
+                                    f"is step {mngr.latest_step()} in {epath.Path(config.workdir) / 'checkpoints'}")
+            losses[step + 1] = loss
+            bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
+            if is_main and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": float(grad_norm), "lr": float(lr(step)),
+                                        "step_time_s": seconds, "samples_per_s": config.batch_size / seconds}) + "\n")
+            checkpointing.save(mngr, step + 1, nnx.state((student, optimizer)),
+                               force=step + 1 == config.steps or stop["signal"] is not None)
+            if stop["signal"] is not None:
+                break
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        signal.signal(signal.SIGTERM, previous)
+    return {"losses": losses, "last_step": max(losses, default=start), "preempted": stop["signal"] is not None,
+            "student": student}
+
+
+def parse(argv: list[str] | None = None) -> DistillConfig:
+    """Presets as subcommands with every field a flag; no subcommand means the default preset."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["smoke", *argv]
+    return tyro.extras.overridable_config_cli(PRESETS, prog=PROG, args=argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse(argv)
+    try:
+        result = train(config)
+    except (CheckpointError, DataError, MeshError, ConfigError, TrainingError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    status = "preempted, saved" if result["preempted"] else "done"
+    print(f"{status} at step {result['last_step']}; checkpoints in {epath.Path(config.workdir) / 'checkpoints'}")
+
+
+if __name__ == "__main__":
+    main()
