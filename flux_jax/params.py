@@ -37,11 +37,13 @@ def fill(
     filled = []
     for path, var in progress(list(nnx.to_flat_state(state))):
         value = value_of(path, var)
-        if isinstance(value, np.ndarray | np.generic):
-            value = value.astype(var.dtype, copy=False)
+        sharding = leaf_sharding(var, mesh)
+        if isinstance(value, jax.Array) and sharding is None:  # already placed (on any number of hosts)
+            placed = value.astype(var.dtype)
         else:
-            value = value.astype(var.dtype)
-        filled.append((path, var.replace(jax.device_put(value, leaf_sharding(var, mesh)))))
+            placed = jax.device_put(np.asarray(value).astype(var.dtype, copy=False) if not isinstance(value, jax.Array)
+                                    else value.astype(var.dtype), sharding)
+        filled.append((path, var.replace(placed)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

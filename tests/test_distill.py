@@ -159,3 +159,25 @@ def test_cli_unknown_flag_and_error_line(tmp_path, capsys):
         distill.main(["smoke", "--teacher", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")])
     assert info.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m train.distill: error:")
+
+
+def test_two_processes_on_loopback_complete_a_run_and_write_one_checkpoint(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    common = ["smoke", "--steps", "4", "--save-every", "2", "--log-every", "1", "--workdir", str(tmp_path / "run"),
+              "--latent-height", "8", "--latent-width", "8", "--sampler-steps", "2", "--coordinator", f"127.0.0.1:{port}",
+              "--num-processes", "2"]
+    processes = [subprocess.Popen([sys.executable, "-m", "train.distill", *common, "--process-id", str(i)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=400) for p in processes]
+    for p, (out, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "done at step 4" in out
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert {2, 4} <= set(saved) and max(saved) == 4  # one checkpoint tree per step, written together by both
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4  # written by process 0 only

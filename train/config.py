@@ -51,6 +51,12 @@ class DistillConfig:
     """dtype of the student's latent weights (optimizer state is float32)"""
     remat: bool = False
     mesh: MeshConfig = MeshConfig()
+    distributed: bool = False
+    """call jax.distributed.initialize() with the platform's auto-detection (TPU pods, SLURM, ...)"""
+    coordinator: str | None = None
+    """host:port of process 0, for an explicit multi-process launch (with num_processes, process_id)"""
+    num_processes: int = 1
+    process_id: int = 0
     seed: int = 0
     save_every: int = 50
     keep_checkpoints: int = 3

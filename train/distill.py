@@ -79,7 +79,7 @@ def velocity_loss(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance):
 
 def _check(config: DistillConfig, mesh) -> None:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % data_parallel:
+    if config.batch_size % max(data_parallel, jax.process_count()):
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data axes (data x fsdp = {data_parallel})")
     if config.latent_height % 2 or config.latent_width % 2:
         raise ConfigError(f"latent_height and latent_width must be even, got {config.latent_height}x{config.latent_width}")
@@ -87,8 +87,26 @@ def _check(config: DistillConfig, mesh) -> None:
         raise ConfigError("steps, sampler_steps, grad_accum, save_every and log_every must be at least 1")
 
 
+def start_processes(config: DistillConfig) -> None:
+    """Joins the other hosts of a multi-process run (once per process)."""
+    if jax.distributed.is_initialized():
+        return
+    if config.coordinator:
+        jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id)
+    elif config.distributed:
+        jax.distributed.initialize()
+
+
+def global_batch(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A batch whose rows are split over processes: each host hands over only its own share."""
+    per_process = len(array) // jax.process_count()
+    local = array[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+    return jax.make_array_from_process_local_data(sharding, local, array.shape)
+
+
 def train(config: DistillConfig) -> dict:
     """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}."""
+    start_processes(config)
     mesh = make_mesh(config.mesh)
     _check(config, mesh)
     teacher = load_teacher(config.teacher, mesh, config.seed)
@@ -132,8 +150,7 @@ def train(config: DistillConfig) -> dict:
     try:
         for step in bar:
             rows = batch_indices(len(prompts.txt), config.batch_size, config.seed, step)
-            txt = jax.device_put(prompts.txt[rows], batch_sharding)
-            y = jax.device_put(prompts.y[rows], batch_sharding)
+            txt, y = global_batch(prompts.txt[rows], batch_sharding), global_batch(prompts.y[rows], batch_sharding)
             began = time.perf_counter()
             with jax.set_mesh(mesh):
                 loss, grad_norm = train_step(student, optimizer, teacher, txt, y, jax.random.fold_in(jax.random.key(config.seed), step))
