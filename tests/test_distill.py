@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert import CheckpointError
+from convert import CheckpointError, load_flux
 from flux_jax import Flux, FluxConfig
 from flux_jax.sampling import schedule
-from flux_jax.ternary import quantize_model
+from flux_jax.ternary import describe, quantize_model
 from train import checkpointing, distill
 from train.config import DistillConfig, MeshConfig
 from train.data import DataError, PromptEmbeddings, position_ids
@@ -51,6 +51,9 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81))
     assert {"loss", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(rows[0])
+    exported = load_flux(tmp_path / "run" / "student")
+    assert describe(exported)[0] == "student"
+    assert fixed_states_loss(exported, teacher) == pytest.approx(after, rel=1e-5)
 
 
 def test_eight_devices_give_the_losses_of_one(tmp_path):

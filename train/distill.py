@@ -28,7 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from convert import CheckpointError, load_flux
+from convert import CheckpointError, load_flux, save_flux
+from convert.orbax_io import write_flux
 from flux_jax.config import PRESETS as MODEL_PRESETS
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
@@ -175,8 +176,22 @@ def train(config: DistillConfig) -> dict:
         mngr.wait_until_finished()
         mngr.close()
         signal.signal(signal.SIGTERM, previous)
+    if stop["signal"] is None:
+        export_student(student, config.workdir)
     return {"losses": losses, "last_step": max(losses, default=start), "preempted": stop["signal"] is not None,
             "student": student}
+
+
+def export_student(student: Flux, workdir: str) -> epath.Path:
+    """The trained student as one of our checkpoints (WORKDIR/student), which `convert.load_flux`,
+    `convert.pack_ternary` and `convert.export_diffusers` read."""
+    out = epath.Path(workdir) / "student"
+    if jax.process_count() == 1:
+        save_flux(student, out, overwrite=True)
+    else:  # every process writes its shards; the description is the same bytes from each
+        out.mkdir(parents=True, exist_ok=True)
+        write_flux(student, out)
+    return out
 
 
 def parse(argv: list[str] | None = None) -> DistillConfig:
@@ -196,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, DataError, MeshError, ConfigError, TrainingError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    status = "preempted, saved" if result["preempted"] else "done"
-    print(f"{status} at step {result['last_step']}; checkpoints in {epath.Path(config.workdir) / 'checkpoints'}")
+    workdir = epath.Path(config.workdir)
+    if result["preempted"]:
+        print(f"preempted, saved at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}")
+    else:
+        print(f"done at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}, student in {workdir / 'student'}")
 
 
 if __name__ == "__main__":
