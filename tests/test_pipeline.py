@@ -103,3 +103,19 @@ def test_generate_cli_bad_input_is_one_line_and_writes_nothing(reference, tmp_pa
     assert info.value.code == 1
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_from_a_hub_id_in_the_offline_cache(reference, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-tiny"
+    sha = "89abcdef0123456789abcdef0123456789abcdef"
+    shutil.copytree(reference[1], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-tiny")
+    assert pipe("a cat", height=16, width=16, steps=1, output_type="np").shape == (1, 16, 16, 3)

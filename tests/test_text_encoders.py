@@ -72,3 +72,19 @@ def test_encoders_name_what_is_missing(t5, clip, tmp_path):
         load_t5_encoder(clip[1])
     with pytest.raises(CheckpointError, match="describes a 't5' model"):
         load_clip_text_encoder(t5[1])
+
+
+def test_t5_loads_into_shards_on_a_mesh_and_computes_the_same(t5):
+    import jax
+    from jax.sharding import PartitionSpec
+
+    reference, folder = t5
+    mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sharded = load_t5_encoder(folder, mesh=mesh)
+    wi = sharded.encoder.block[0].layer[1].DenseReluDense.wi_0.kernel[...]
+    assert wi.sharding.spec == PartitionSpec("fsdp", "tensor") and len(wi.addressable_shards) == 8
+    ids = np.random.default_rng(3).integers(0, 120, (2, 12))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).last_hidden_state.numpy()
+    with jax.set_mesh(mesh):
+        assert_close(np.asarray(sharded(ids)), expected)
