@@ -184,3 +184,19 @@ def test_two_processes_on_loopback_complete_a_run_and_write_one_checkpoint(tmp_p
     assert {2, 4} <= set(saved) and max(saved) == 4  # one checkpoint tree per step, written together by both
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4  # written by process 0 only
+
+
+def test_latent_cache_is_built_once_resumes_and_feeds_training(tmp_path):
+    config = dataclasses.replace(BASE, workdir=str(tmp_path / "cached"), objective="cache", steps=3)
+    with pytest.raises(DataError, match="missing from the latent cache"):
+        distill.train(config)
+    folder = distill.cache(config)
+    chunks = sorted(os.listdir(str(folder)))
+    assert chunks == ["chunk-00000.npy"]
+    latents = np.load(str(folder / chunks[0]))
+    assert latents.shape == (16, 16, 16) and np.isfinite(latents).all() and latents.std() > 0.1
+    stamp = os.path.getmtime(str(folder / chunks[0]))
+    distill.cache(config)  # present chunks are kept, not sampled again
+    assert os.path.getmtime(str(folder / chunks[0])) == stamp
+    losses = distill.train(config)["losses"]
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())

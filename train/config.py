@@ -35,8 +35,11 @@ class DistillConfig:
     latent_width: int = 16
     steps: int = 200
     batch_size: int = 8
+    objective: str = "trajectory"
+    """where training states come from: "trajectory" (the teacher's sampler, on the fly) or "cache"
+    (x_t around teacher latents sampled once by `python -m train.distill cache`)"""
     sampler_steps: int = 8
-    """length of the teacher trajectories the training states are drawn from"""
+    """length of the teacher trajectories the training states (or cached latents) come from"""
     guidance_min: float = 1.0
     guidance_max: float = 5.0
     learning_rate: float = 3e-4

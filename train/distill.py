@@ -4,6 +4,7 @@ from noise, and the loss is the MSE between student and teacher velocities at th
 
     python -m train.distill                                   # the smoke preset: a tiny random teacher
     python -m train.distill smoke --steps 100 --mesh.fsdp 8
+    python -m train.distill cache smoke && python -m train.distill smoke --objective cache
     python -m train.distill flux-dev --teacher black-forest-labs/FLUX.1-dev --prompts embeds.npz --workdir gs://b/run
 
 One flat loop: mesh -> teacher, student, optimizer -> resume -> jit step -> log -> checkpoint. A run
@@ -36,6 +37,7 @@ from flux_jax.model import Flux
 from flux_jax.params import shard
 from flux_jax.ternary import QuantPolicy, quantize_model
 from train import checkpointing
+from train.cache import build_cache, cached_state, load_cache
 from train.config import PRESETS, DistillConfig
 from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, trajectory_state
 from train.mesh import MeshError, make_mesh
@@ -84,6 +86,8 @@ def _check(config: DistillConfig, mesh) -> None:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data axes (data x fsdp = {data_parallel})")
     if config.latent_height % 2 or config.latent_width % 2:
         raise ConfigError(f"latent_height and latent_width must be even, got {config.latent_height}x{config.latent_width}")
+    if config.objective not in ("trajectory", "cache"):
+        raise ConfigError(f"objective must be 'trajectory' or 'cache', got {config.objective!r}")
     if min(config.steps, config.sampler_steps, config.grad_accum, config.save_every, config.log_every) < 1:
         raise ConfigError("steps, sampler_steps, grad_accum, save_every and log_every must be at least 1")
 
@@ -105,14 +109,20 @@ def global_batch(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local, array.shape)
 
 
-def train(config: DistillConfig) -> dict:
-    """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}."""
+def _setup(config: DistillConfig):
+    """Processes, mesh, teacher and prompts: what training and cache building share."""
     start_processes(config)
     mesh = make_mesh(config.mesh)
     _check(config, mesh)
     teacher = load_teacher(config.teacher, mesh, config.seed)
     prompts = (PromptEmbeddings.load(config.prompts, teacher.config) if config.prompts
                else PromptEmbeddings.random(config.num_random_prompts, config.text_length, teacher.config, config.seed))
+    return mesh, teacher, prompts
+
+
+def train(config: DistillConfig) -> dict:
+    """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}."""
+    mesh, teacher, prompts = _setup(config)
     policy = QuantPolicy(per_channel=config.per_channel, learnable_scale=config.learnable_scale, lowrank_rank=config.lowrank_rank)
     student_config = teacher.config.replace(param_dtype=config.student_dtype, remat=config.remat)
     with jax.set_mesh(mesh):
@@ -131,12 +141,17 @@ def train(config: DistillConfig) -> dict:
     img_ids, txt_ids = position_ids(config.batch_size, config.latent_height, config.latent_width, prompts.txt.shape[1])
     guided = teacher.config.guidance_embed
 
+    latents = load_cache(config, len(prompts.txt)) if config.objective == "cache" else None
+
     @nnx.jit(donate_argnums=(0, 1))
-    def train_step(student, optimizer, teacher, txt, y, key):
+    def train_step(student, optimizer, teacher, txt, y, x0, key):
         k_noise, k_guidance, k_state = jax.random.split(key, 3)
         noise = jax.random.normal(k_noise, (txt.shape[0], tokens, teacher.config.in_channels), jnp.float32)
         guidance = jax.random.uniform(k_guidance, (txt.shape[0],), minval=config.guidance_min, maxval=config.guidance_max) if guided else None
-        x, t = trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, k_state, sampler_steps=config.sampler_steps)
+        if x0 is None:
+            x, t = trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, k_state, sampler_steps=config.sampler_steps)
+        else:
+            x, t = cached_state(x0, noise, k_state)
         loss, grads = nnx.value_and_grad(velocity_loss)(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance)
         optimizer.update(student, grads)
         return loss, optax.tree.norm(grads)
@@ -152,9 +167,10 @@ def train(config: DistillConfig) -> dict:
         for step in bar:
             rows = batch_indices(len(prompts.txt), config.batch_size, config.seed, step)
             txt, y = global_batch(prompts.txt[rows], batch_sharding), global_batch(prompts.y[rows], batch_sharding)
+            x0 = None if latents is None else global_batch(latents[rows], batch_sharding)
             began = time.perf_counter()
             with jax.set_mesh(mesh):
-                loss, grad_norm = train_step(student, optimizer, teacher, txt, y, jax.random.fold_in(jax.random.key(config.seed), step))
+                loss, grad_norm = train_step(student, optimizer, teacher, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
             loss = float(loss)
             seconds = time.perf_counter() - began
             if not np.isfinite(loss):
@@ -204,7 +220,23 @@ def parse(argv: list[str] | None = None) -> DistillConfig:
     return tyro.extras.overridable_config_cli(PRESETS, prog=PROG, args=argv)
 
 
+def cache(config: DistillConfig) -> epath.Path:
+    """`python -m train.distill cache ...`: the teacher latent cache of the run `config` describes."""
+    mesh, teacher, prompts = _setup(config)
+    with jax.set_mesh(mesh):
+        return build_cache(config, teacher, prompts, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cache"]:
+        config = parse(argv[1:])
+        try:
+            print(f"latent cache in {cache(config)}")
+        except (CheckpointError, DataError, MeshError, ConfigError) as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        return
     config = parse(argv)
     try:
         result = train(config)
