@@ -43,7 +43,7 @@ def fixed_states_loss(student, teacher):
 
 
 def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
-    result = run(tmp_path, "run", steps=80, learning_rate=3e-3, save_every=80)
+    result = run(tmp_path, "run", steps=80, learning_rate=3e-3, save_every=80, sample_every=40)
     teacher = Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(BASE.seed))  # the trainer's random teacher
     before = fixed_states_loss(quantize_model(teacher), teacher)
     after = fixed_states_loss(result["student"], teacher)
@@ -51,6 +51,13 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81))
     assert {"loss", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(rows[0])
+    assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step-0000040.png", "step-0000080.png"]
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step-0000080.png"))
+    assert grid.shape == (2 * 8 * 4, 4 * 8 * 4, 3) and grid.std() > 0  # teacher row over student row, 4 prompts
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
     exported = load_flux(tmp_path / "run" / "student")
     assert describe(exported)[0] == "student"
     assert fixed_states_loss(exported, teacher) == pytest.approx(after, rel=1e-5)

@@ -64,14 +64,17 @@ class DistillConfig:
     save_every: int = 50
     keep_checkpoints: int = 3
     log_every: int = 10
+    sample_every: int = 0
+    """every this many steps, WORKDIR/samples/step-N.png: teacher and student from the same seeds (0: never)"""
 
 
 PRESETS: dict[str, tuple[str, DistillConfig]] = {
-    "smoke": ("a tiny random teacher, seconds on a laptop", DistillConfig(steps=30, save_every=10, log_every=5)),
+    "smoke": ("a tiny random teacher, seconds on a laptop",
+              DistillConfig(steps=30, save_every=10, log_every=5, sample_every=15)),
     "flux-dev": (
         "FLUX.1-dev at 1024x1024 (needs --teacher and --prompts)",
         DistillConfig(teacher="black-forest-labs/FLUX.1-dev", latent_height=128, latent_width=128, batch_size=32,
                       steps=20_000, sampler_steps=28, learning_rate=1e-5, warmup_steps=500, student_dtype="bfloat16",
-                      remat=True, save_every=500, log_every=10),
+                      remat=True, save_every=500, log_every=10, sample_every=500),
     ),
 }

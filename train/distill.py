@@ -27,6 +27,7 @@ import optax
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
@@ -38,6 +39,7 @@ from flux_jax.params import shard
 from flux_jax.ternary import QuantPolicy, quantize_model
 from train import checkpointing
 from train.cache import build_cache, cached_state, load_cache
+from train.samples import sample_grid, save_png
 from train.config import PRESETS, DistillConfig
 from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, trajectory_state
 from train.mesh import MeshError, make_mesh
@@ -160,6 +162,7 @@ def train(config: DistillConfig) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     is_main = jax.process_index() == 0
     metrics_path = epath.Path(config.workdir) / "metrics.jsonl"
+    board = SummaryWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
     lr = learning_rate(config)
     losses: dict[int, float] = {}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill", disable=not is_main)
@@ -180,10 +183,20 @@ def train(config: DistillConfig) -> dict:
             losses[step + 1] = loss
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
             if is_main and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+                metrics = {"loss": loss, "grad_norm": float(grad_norm), "lr": float(lr(step)), "step_time_s": seconds,
+                           "samples_per_s": config.batch_size / seconds}
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": float(grad_norm), "lr": float(lr(step)),
-                                        "step_time_s": seconds, "samples_per_s": config.batch_size / seconds}) + "\n")
+                    f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+                for name, value in metrics.items():
+                    board.add_scalar(name, value, step + 1)
+            if config.sample_every and (step + 1) % config.sample_every == 0:
+                with jax.set_mesh(mesh):
+                    grid = sample_grid(teacher, student, prompts, latent_height=config.latent_height,
+                                       latent_width=config.latent_width, sampler_steps=config.sampler_steps,
+                                       guidance=(config.guidance_min + config.guidance_max) / 2, seed=config.seed)
+                if is_main:
+                    save_png(grid, epath.Path(config.workdir) / "samples" / f"step-{step + 1:07d}.png")
             checkpointing.save(mngr, step + 1, nnx.state((student, optimizer)),
                                force=step + 1 == config.steps or stop["signal"] is not None)
             if stop["signal"] is not None:
@@ -191,6 +204,8 @@ def train(config: DistillConfig) -> dict:
     finally:
         mngr.wait_until_finished()
         mngr.close()
+        if board is not None:
+            board.close()
         signal.signal(signal.SIGTERM, previous)
     if stop["signal"] is None:
         export_student(student, config.workdir)
