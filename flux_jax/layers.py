@@ -131,29 +131,24 @@ def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
 QUERY_CHUNK = 512
 
 
-def _query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """dot_product_attention over blocks of QUERY_CHUNK queries, one after another: the (H, chunk, L)
-    logits of one block are live at a time instead of (H, L, L) (2 GB a layer for FLUX at 1024x1024)."""
-    b, l, h, d = q.shape
-    if l <= QUERY_CHUNK:
-        return jax.nn.dot_product_attention(q, k, v)
-    n = -(-l // QUERY_CHUNK)
-    padded = jnp.pad(q, ((0, 0), (0, n * QUERY_CHUNK - l), (0, 0), (0, 0)))
-    chunks = jnp.moveaxis(padded.reshape(b, n, QUERY_CHUNK, h, d), 1, 0)
-    out = jax.lax.map(lambda chunk: jax.nn.dot_product_attention(chunk, k, v), chunks)
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * QUERY_CHUNK, h, d)[:, :l]
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
     """RoPE then scaled dot-product attention: q, k, v (B, L, H, D) -> (B, L, H*D).
 
-    On GPU and TPU `jax.nn.dot_product_attention` is called whole, so the platform's fused kernel
-    runs; elsewhere it runs over blocks of queries, which bounds the logits' memory. The branch is
-    chosen when lowering, so a model exported for another platform carries that platform's path."""
+    `jax.nn.dot_product_attention` over blocks of QUERY_CHUNK queries, one block after another: the
+    (H, chunk, L) logits of one block are live at a time instead of (H, L, L), 2 GB a layer in float32
+    for FLUX at 1024x1024. (JAX 0.10's default implementation is XLA on every platform; a fused flash
+    kernel, cuDNN or TPU splash attention, is not wired in yet.)"""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = jax.lax.platform_dependent(q, k, v, default=_query_chunked_attention, cuda=jax.nn.dot_product_attention,
-                                     rocm=jax.nn.dot_product_attention, tpu=jax.nn.dot_product_attention)
-    return out.reshape(*out.shape[:2], -1)
+    b, l, h, d = q.shape
+    if l <= QUERY_CHUNK:
+        out = jax.nn.dot_product_attention(q, k, v)
+    else:
+        n = -(-l // QUERY_CHUNK)
+        padded = jnp.pad(q, ((0, 0), (0, n * QUERY_CHUNK - l), (0, 0), (0, 0)))
+        chunks = jnp.moveaxis(padded.reshape(b, n, QUERY_CHUNK, h, d), 1, 0)
+        out = jax.lax.map(lambda chunk: jax.nn.dot_product_attention(chunk, k, v), chunks)
+        out = jnp.moveaxis(out, 0, 1).reshape(b, n * QUERY_CHUNK, h, d)[:, :l]
+    return out.reshape(b, l, h * d)
 
 
 def split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:

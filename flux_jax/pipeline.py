@@ -55,6 +55,7 @@ class FluxPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._encode = nnx.jit(lambda clip, t5, clip_ids, t5_ids: (clip(clip_ids)[1], t5(t5_ids)))
         self._generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
+        self._on_step: Callable[[int], None] = lambda step: None
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> FluxPipeline:
@@ -71,6 +72,9 @@ class FluxPipeline:
         clip_ids = tokenize(self.clip_tokenizer, prompts, clip_length, "CLIP")
         t5_ids = tokenize(self.t5_tokenizer, prompts, self.settings.max_sequence_length, "T5")
         return self._encode(self.clip, self.t5, clip_ids, t5_ids)
+
+    def _report_step(self, step: int) -> None:
+        self._on_step(step)
 
     def __call__(
         self,
@@ -110,8 +114,10 @@ class FluxPipeline:
             raise ValueError(f"latents have shape {latents.shape}, expected {(len(prompts), (h // 2) * (w // 2), 4 * channels)}")
         sigmas = schedule(steps, latents.shape[1], shift=self.settings.dynamic_shift)
         g = jnp.full((len(prompts),), guidance, jnp.float32) if self.transformer.config.guidance_embed else None
+        self._on_step = progress or (lambda step: None)
+        # A bound method is equal from call to call, so a new `progress` does not recompile.
         images = self._generate(self.transformer, self.vae, latents, features, pooled, jnp.asarray(sigmas), g,
-                                height=h, width=w, progress=progress)
+                                height=h, width=w, progress=self._report_step if progress else None)
         images = np.asarray(images)
         if output_type == "np":
             return images

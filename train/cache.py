@@ -39,7 +39,7 @@ def build_cache(config: DistillConfig, teacher, prompts: PromptEmbeddings, batch
     split over the mesh); process 0 writes it."""
     n = len(prompts.txt)
     tokens = (config.latent_height // 2) * (config.latent_width // 2)
-    sigmas = jnp.asarray(schedule(config.sampler_steps, tokens))
+    sigmas = jnp.asarray(schedule(config.sampler_steps, tokens, shift=teacher.config.guidance_embed))
     sample = nnx.jit(denoise)
     chunk = math.lcm(CHUNK, config.batch_size)
     for index in range(math.ceil(n / chunk)):
@@ -86,10 +86,11 @@ def load_cache(config: DistillConfig, num_prompts: int) -> np.ndarray:
     return latents
 
 
-def cached_state(x0: jax.Array, noise: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x_t = (1 - t) x0 + t noise with t = shift(sigmoid(normal)), FLUX's resolution-shifted logit-normal."""
+def cached_state(x0: jax.Array, noise: jax.Array, key: jax.Array, *, shift: bool) -> tuple[jax.Array, jax.Array]:
+    """x_t = (1 - t) x0 + t noise, t = sigmoid(normal): FLUX's logit-normal, resolution-shifted for dev."""
     batch, tokens, _ = x0.shape
-    mu = math.exp(shift_mu(tokens))
-    u = jax.nn.sigmoid(jax.random.normal(key, (batch,)))
-    t = mu / (mu + (1.0 / u - 1.0))
+    t = jax.nn.sigmoid(jax.random.normal(key, (batch,)))
+    if shift:
+        mu = math.exp(shift_mu(tokens))
+        t = mu / (mu + (1.0 / t - 1.0))
     return (1.0 - t)[:, None, None] * x0 + t[:, None, None] * noise, t

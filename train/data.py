@@ -59,9 +59,10 @@ def batch_indices(num_prompts: int, batch_size: int, seed: int, step: int) -> np
 
 def trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, key, *, sampler_steps: int):
     """A training state from the teacher alone: run its Euler sampler from noise for a random number of
-    steps k < sampler_steps and return (x at sigma_k, sigma_k (B,)). Nothing here is differentiated."""
+    steps k < sampler_steps and return (x at sigma_k, sigma_k (B,)). Nothing here is differentiated.
+    The schedule is shifted for guidance-distilled teachers (dev), not for schnell."""
     batch, length, _ = noise.shape
-    sigmas = jnp.asarray(schedule(sampler_steps, length))
+    sigmas = jnp.asarray(schedule(sampler_steps, length, shift=teacher.config.guidance_embed))
     k = jax.random.randint(key, (), 0, sampler_steps)
 
     def step(i, x):

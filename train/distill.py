@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
@@ -64,9 +66,10 @@ def load_teacher(spec: str, mesh, seed: int) -> Flux:
 
 
 def learning_rate(config: DistillConfig) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to 0 at the last step."""
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
-                                              max(config.steps, config.warmup_steps + 1))
+    """Linear warmup from 0, then cosine decay to 0 at the last step; counted in optimizer updates
+    (one per `grad_accum` steps), which is how optax.MultiSteps advances it."""
+    updates, warmup = max(config.steps // config.grad_accum, 1), config.warmup_steps // config.grad_accum
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(updates, warmup + 1))
 
 
 def optimizer_for(config: DistillConfig) -> optax.GradientTransformation:
@@ -84,8 +87,9 @@ def velocity_loss(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance):
 
 def _check(config: DistillConfig, mesh) -> None:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % max(data_parallel, jax.process_count()):
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data axes (data x fsdp = {data_parallel})")
+    if config.batch_size % math.lcm(data_parallel, jax.process_count()):
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data axes (data x fsdp = {data_parallel})"
+                          + (f" and the {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     if config.latent_height % 2 or config.latent_width % 2:
         raise ConfigError(f"latent_height and latent_width must be even, got {config.latent_height}x{config.latent_width}")
     if config.objective not in ("trajectory", "cache"):
@@ -122,6 +126,30 @@ def _setup(config: DistillConfig):
     return mesh, teacher, prompts
 
 
+def make_train_step(config: DistillConfig, *, text_length: int):
+    """The jit-compiled step (student and optimizer state donated): build a training state from the
+    teacher (trajectory) or around a cached latent x0, then one optimizer update on the velocity MSE."""
+    tokens = (config.latent_height // 2) * (config.latent_width // 2)
+    img_ids, txt_ids = position_ids(config.batch_size, config.latent_height, config.latent_width, text_length)
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(student, optimizer, teacher, txt, y, x0, key):
+        k_noise, k_guidance, k_state = jax.random.split(key, 3)
+        noise = jax.random.normal(k_noise, (txt.shape[0], tokens, teacher.config.in_channels), jnp.float32)
+        guidance = None
+        if teacher.config.guidance_embed:
+            guidance = jax.random.uniform(k_guidance, (txt.shape[0],), minval=config.guidance_min, maxval=config.guidance_max)
+        if x0 is None:
+            x, t = trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, k_state, sampler_steps=config.sampler_steps)
+        else:
+            x, t = cached_state(x0, noise, k_state, shift=teacher.config.guidance_embed)
+        loss, grads = nnx.value_and_grad(velocity_loss)(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance)
+        optimizer.update(student, grads)
+        return loss, optax.tree.norm(grads)
+
+    return train_step
+
+
 def train(config: DistillConfig) -> dict:
     """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}."""
     mesh, teacher, prompts = _setup(config)
@@ -139,24 +167,8 @@ def train(config: DistillConfig) -> dict:
         nnx.update((student, optimizer), state)
 
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    tokens = (config.latent_height // 2) * (config.latent_width // 2)
-    img_ids, txt_ids = position_ids(config.batch_size, config.latent_height, config.latent_width, prompts.txt.shape[1])
-    guided = teacher.config.guidance_embed
-
     latents = load_cache(config, len(prompts.txt)) if config.objective == "cache" else None
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(student, optimizer, teacher, txt, y, x0, key):
-        k_noise, k_guidance, k_state = jax.random.split(key, 3)
-        noise = jax.random.normal(k_noise, (txt.shape[0], tokens, teacher.config.in_channels), jnp.float32)
-        guidance = jax.random.uniform(k_guidance, (txt.shape[0],), minval=config.guidance_min, maxval=config.guidance_max) if guided else None
-        if x0 is None:
-            x, t = trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, k_state, sampler_steps=config.sampler_steps)
-        else:
-            x, t = cached_state(x0, noise, k_state)
-        loss, grads = nnx.value_and_grad(velocity_loss)(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance)
-        optimizer.update(student, grads)
-        return loss, optax.tree.norm(grads)
+    train_step = make_train_step(config, text_length=prompts.txt.shape[1])
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -183,7 +195,7 @@ def train(config: DistillConfig) -> dict:
             losses[step + 1] = loss
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
             if is_main and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-                metrics = {"loss": loss, "grad_norm": float(grad_norm), "lr": float(lr(step)), "step_time_s": seconds,
+                metrics = {"loss": loss, "grad_norm": float(grad_norm), "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
                            "samples_per_s": config.batch_size / seconds}
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as f:
@@ -197,6 +209,9 @@ def train(config: DistillConfig) -> dict:
                                        guidance=(config.guidance_min + config.guidance_max) / 2, seed=config.seed)
                 if is_main:
                     save_png(grid, epath.Path(config.workdir) / "samples" / f"step-{step + 1:07d}.png")
+            if jax.process_count() > 1:  # one host's SIGTERM stops every host at the same step
+                stopping = multihost_utils.process_allgather(np.array(stop["signal"] is not None)).any()
+                stop["signal"] = stop["signal"] or (signal.SIGTERM if stopping else None)
             checkpointing.save(mngr, step + 1, nnx.state((student, optimizer)),
                                force=step + 1 == config.steps or stop["signal"] is not None)
             if stop["signal"] is not None:
@@ -220,6 +235,9 @@ def export_student(student: Flux, workdir: str) -> epath.Path:
     if jax.process_count() == 1:
         save_flux(student, out, overwrite=True)
     else:  # every process writes its shards; the description is the same bytes from each
+        if jax.process_index() == 0 and out.exists():
+            out.rmtree()
+        multihost_utils.sync_global_devices("student export folder ready")
         out.mkdir(parents=True, exist_ok=True)
         write_flux(student, out)
     return out

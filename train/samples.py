@@ -16,6 +16,7 @@ from flux_jax.sampling import denoise, schedule, unpack_latents
 from train.data import PromptEmbeddings, position_ids
 
 NUM_SAMPLES = 4
+_sample = nnx.jit(denoise)
 
 
 def _preview(latents: np.ndarray) -> np.ndarray:
@@ -34,11 +35,11 @@ def sample_grid(teacher, student, prompts: PromptEmbeddings, *, latent_height: i
     tokens = (latent_height // 2) * (latent_width // 2)
     noise = jax.random.normal(jax.random.key(seed), (n, tokens, teacher.config.in_channels))
     img_ids, txt_ids = position_ids(n, latent_height, latent_width, prompts.txt.shape[1])
-    sigmas = jnp.asarray(schedule(sampler_steps, tokens))
+    sigmas = jnp.asarray(schedule(sampler_steps, tokens, shift=teacher.config.guidance_embed))
     g = jnp.full((n,), guidance) if teacher.config.guidance_embed else None
     rows = []
     for model in (teacher, student):
-        x = nnx.jit(denoise)(model, noise, img_ids, jnp.asarray(prompts.txt[:n]), txt_ids, jnp.asarray(prompts.y[:n]), sigmas, g)
+        x = _sample(model, noise, img_ids, jnp.asarray(prompts.txt[:n]), txt_ids, jnp.asarray(prompts.y[:n]), sigmas, g)
         x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
         rows.append(np.concatenate(list(_preview(np.asarray(unpack_latents(jnp.asarray(x, jnp.float32), latent_height, latent_width)))), axis=1))
     return np.concatenate(rows, axis=0)
