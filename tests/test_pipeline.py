@@ -119,3 +119,35 @@ def test_pipeline_from_a_hub_id_in_the_offline_cache(reference, tmp_path, monkey
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-tiny")
     assert pipe("a cat", height=16, width=16, steps=1, output_type="np").shape == (1, 16, 16, 3)
+
+
+def test_packed_ternary_pipeline_matches_diffusers_running_the_exported_weights(reference, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from convert.export_diffusers import export_diffusers
+    from convert.pack_ternary import pack_checkpoint
+
+    pipe, folder = reference
+    convert_checkpoint(folder, tmp_path / "bundle", pipeline=True, progress=False)
+    pack_checkpoint(tmp_path / "bundle" / "transformer", tmp_path / "packed", progress=False)  # PTQ of the teacher
+    os.rename(tmp_path / "bundle" / "transformer", tmp_path / "full")
+    os.rename(tmp_path / "packed", tmp_path / "bundle" / "transformer")
+    ours = FluxPipeline.from_pretrained(tmp_path / "bundle")
+    assert type(ours.transformer.double_blocks[0].img_attn.qkv).__name__ == "PackedTernaryLinear"
+
+    export_diffusers(tmp_path / "bundle" / "transformer", tmp_path / "exported", dtype="float32", progress=False)
+    original = pipe.transformer
+    pipe.transformer = FluxTransformer2DModel.from_pretrained(tmp_path / "exported").eval()
+    try:
+        latents = packed_noise(2, 32, 48, seed=1)
+        expected = run_reference(pipe, latents, 32, 48, steps=3)
+    finally:
+        pipe.transformer = original
+    got = ours(PROMPTS, height=32, width=48, steps=3, guidance=3.5, latents=latents, output_type="np")
+    assert np.abs(got - expected).max() < 2e-3 and expected.std() > 0.01
+
+    from flux_jax.generate import main
+
+    main(["--model", str(tmp_path / "bundle"), "--prompt", "a red fox", "--steps", "2", "--height", "16", "--width", "16",
+          "--out", str(tmp_path / "images")])
+    assert os.listdir(tmp_path / "images") == ["0-0.png"]
