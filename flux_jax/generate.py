@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ def generate(model: str, prompt: str, *, out: str | os.PathLike, steps: int | No
              height: int = 1024, width: int = 1024, seed: int = 0, batch: int = 1, dtype: str | None = None,
              progress: bool = True) -> tuple[list[Path], float]:
     """Writes `batch` PNGs for `prompt` into `out`; returns their paths and the seconds per step."""
+    from convert.atomic import atomic_file
     from flux_jax.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(model, dtype=dtype)
@@ -49,9 +49,8 @@ def generate(model: str, prompt: str, *, out: str | os.PathLike, steps: int | No
     paths = []
     for i, image in enumerate(images):
         path = out / f"{seed}-{i}.png"
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".png.partial", delete=False) as tmp:
+        with atomic_file(path) as tmp:
             image.save(tmp, format="PNG")
-        os.replace(tmp.name, path)
         paths.append(path)
     return paths, seconds_per_step
 

@@ -8,8 +8,6 @@ Chunks are written atomically and skipped when present, so an interrupted build 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from convert.atomic import atomic_file
 from flux_jax.sampling import denoise, schedule, shift_mu
 from train.config import DistillConfig
 from train.data import DataError, PromptEmbeddings, position_ids
@@ -63,10 +62,8 @@ def build_cache(config: DistillConfig, teacher, prompts: PromptEmbeddings, batch
 
 
 def _write_atomically(path: epath.Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=str(path.parent), suffix=".partial", delete=False) as tmp:
-        np.save(tmp, array)
-    os.replace(tmp.name, str(path))
+    with atomic_file(str(path)) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def load_cache(config: DistillConfig, num_prompts: int) -> np.ndarray:

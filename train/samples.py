@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +9,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from convert.atomic import atomic_file
 from flux_jax.sampling import denoise, schedule, unpack_latents
 from train.data import PromptEmbeddings, position_ids
 
@@ -48,8 +46,6 @@ def sample_grid(teacher, student, prompts: PromptEmbeddings, *, latent_height: i
 def save_png(image: np.ndarray, path: epath.Path, scale: int = 4) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     picture = Image.fromarray(np.kron(image, np.ones((scale, scale, 1), np.uint8)))
-    with tempfile.NamedTemporaryFile(dir=str(path.parent), suffix=".partial", delete=False) as tmp:
+    with atomic_file(str(path)) as tmp:
         picture.save(tmp, format="PNG")
-    os.replace(tmp.name, str(path))
