@@ -16,7 +16,7 @@ def test_bench_compares_the_same_weights_and_prints_the_ratio(capsys):
 
 
 def test_library_imports_neither_torch_nor_diffusers():
-    code = "import sys, flux_jax, convert, convert.torch_to_flax, flux_jax.bench; " \
+    code = "import sys, flux_jax, convert, convert.torch_to_flax, flux_jax.bench, train.distill, pallas_kernels; " \
            "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; assert not bad, bad"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -29,7 +29,6 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
@@ -42,6 +41,7 @@ from flux_jax.ternary import QuantPolicy, quantize_model
 from train import checkpointing
 from train.cache import build_cache, cached_state, load_cache
 from train.samples import sample_grid, save_png
+from train.tensorboard import ScalarWriter
 from train.config import PRESETS, DistillConfig
 from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, trajectory_state
 from train.mesh import MeshError, make_mesh
@@ -174,7 +174,7 @@ def train(config: DistillConfig) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     is_main = jax.process_index() == 0
     metrics_path = epath.Path(config.workdir) / "metrics.jsonl"
-    board = SummaryWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
+    board = ScalarWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
     lr = learning_rate(config)
     losses: dict[int, float] = {}
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill", disable=not is_main)
@@ -200,8 +200,7 @@ def train(config: DistillConfig) -> dict:
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
-                for name, value in metrics.items():
-                    board.add_scalar(name, value, step + 1)
+                board.scalars(step + 1, metrics)
             if config.sample_every and (step + 1) % config.sample_every == 0:
                 with jax.set_mesh(mesh):
                     grid = sample_grid(teacher, student, prompts, latent_height=config.latent_height,
