@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from convert.errors import CheckpointError
-from convert.loader import find_tensor_files
+from convert.loader import check_keys, default_dtype, find_tensor_files
 from flux_jax.params import fill
 
 _TO_FLAX = {2: (1, 0), 4: (2, 3, 1, 0)}
@@ -41,7 +41,7 @@ def stored_dtype(folder: Path, dtype) -> str:
     if dtype is not None:
         return jnp.dtype(dtype).name
     tensors, _ = find_tensor_files(folder)
-    return "float32" if tensors.dtype_name(tensors.keys()[0]) == "F32" else "bfloat16"
+    return default_dtype(tensors, tensors.keys()[0])
 
 
 def load_mirrored(folder: Path, model_fn: Callable[[], nnx.Module], *, mesh: Mesh | None = None, strip: str = "",
@@ -55,10 +55,7 @@ def load_mirrored(folder: Path, model_fn: Callable[[], nnx.Module], *, mesh: Mes
     abstract = nnx.eval_shape(model_fn)
     wanted = {torch_key(path)[0] for path, _ in nnx.to_flat_state(nnx.state(abstract))}
     names = {k[len(strip):] if k.startswith(strip) else k: k for k in tensors.keys()}
-    for problem, found in (("missing key", wanted - set(names)), ("unexpected key", set(names) - wanted - set(ignored))):
-        if found:
-            first, more = sorted(found)[0], len(found) - 1
-            raise CheckpointError(f"{tensors.name}: {problem} {first!r}" + (f" (and {more} more)" if more else ""))
+    check_keys(tensors.name, set(names), wanted, set(ignored))
 
     def value_of(path, var):
         key, transpose = torch_key(path)

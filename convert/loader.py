@@ -113,7 +113,8 @@ def _read_diffusers_config(config_json: Path) -> FluxConfig:
         raise CheckpointError(f"{config_json}: not a usable FluxTransformer2DModel config ({err})") from None
 
 
-def _default_dtype(tensors: SafetensorsFiles, key: str) -> str:
+def default_dtype(tensors: SafetensorsFiles, key: str) -> str:
+    """float32 checkpoints stay float32; everything else (bf16, fp16, fp8) becomes bfloat16."""
     return "float32" if tensors.dtype_name(key) == "F32" else "bfloat16"
 
 
@@ -146,11 +147,12 @@ def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dt
         except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
             raise CheckpointError(f"{tensors.name}: cannot infer the FLUX config from tensor shapes ({err})") from None
     first_key = prefix + source_of("img_in.kernel").keys[0]
-    config = config.with_dtype(dtype if dtype is not None else _default_dtype(tensors, first_key))
+    config = config.with_dtype(dtype if dtype is not None else default_dtype(tensors, first_key))
 
     abstract = nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0)))
     sources = {path: source_of(".".join(map(str, path))) for path, _ in nnx.to_flat_state(nnx.state(abstract))}
-    _check_keys(tensors, {prefix + k for s in sources.values() for k in s.keys})
+    check_keys(tensors.name, set(tensors.keys()), {prefix + k for s in sources.values() for k in s.keys},
+               what=" for a FLUX transformer of this config")
 
     def value_of(path, var):
         return _read_leaf(tensors, sources[path], prefix, ".".join(map(str, path)), var.shape)
@@ -159,13 +161,13 @@ def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dt
     return fill(abstract, value_of, mesh=mesh, progress=bar)
 
 
-def _check_keys(tensors: SafetensorsFiles, needed: set[str]) -> None:
-    have = set(tensors.keys())
-    for problem, found in (("missing key", needed - have), ("unexpected key", have - needed)):
+def check_keys(name: str, have: set[str], needed: set[str], ignored: set[str] = frozenset(), what: str = "") -> None:
+    """Missing and unexpected keys, named before anything is read (`ignored` may be present, unused)."""
+    for problem, found in (("missing key", needed - have), ("unexpected key", have - needed - ignored)):
         if found:
             first, more = sorted(found)[0], len(found) - 1
             suffix = f" (and {more} more)" if more else ""
-            raise CheckpointError(f"{tensors.name}: {problem} {first!r}{suffix} for a FLUX transformer of this config")
+            raise CheckpointError(f"{name}: {problem} {first!r}{suffix}{what}")
 
 
 def _read_leaf(tensors: SafetensorsFiles, source: layouts.Source, prefix: str, name: str, shape) -> np.ndarray:

@@ -43,6 +43,7 @@ def vae_config(folder: Path, dtype: str) -> AutoencoderConfig:
 def load_vae(folder: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> AutoencoderKL:
     """FLUX's autoencoder from a diffusers `vae/` folder; scaling and shift factors from its config."""
     folder = Path(folder)
-    config = vae_config(folder, "float32")
-    config = dataclasses.replace(config, param_dtype=stored_dtype(folder, dtype), dtype=stored_dtype(folder, dtype))
+    config = vae_config(folder, "float32")  # the config first: a folder of something else is named as such
+    name = stored_dtype(folder, dtype)
+    config = dataclasses.replace(config, param_dtype=name, dtype=name)
     return load_mirrored(folder, lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)), mesh=mesh)

@@ -55,6 +55,14 @@ def shift_mu(image_seq_len: int) -> float:
     return BASE_SHIFT + slope * (image_seq_len - BASE_SEQ_LEN)
 
 
+def shift_sigmas(sigmas, image_seq_len: int):
+    """sigma -> e^mu / (e^mu + 1/sigma - 1), mu from the token count; 0 stays 0 (NumPy or jnp)."""
+    mu = math.exp(shift_mu(image_seq_len))
+    xp = np if isinstance(sigmas, np.ndarray) else jnp
+    safe = xp.maximum(sigmas, 1e-30)
+    return xp.where(sigmas > 0, mu / (mu + (1.0 / safe - 1.0)), 0.0)
+
+
 def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True) -> np.ndarray:
     """Noise levels sigma_0 = 1 > ... > sigma_n = 0 (num_steps + 1 values); with `shift` (dev, not
     schnell) each sigma becomes e^mu / (e^mu + 1/sigma - 1)."""
@@ -62,9 +70,7 @@ def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True) -> np.nd
         raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
     sigmas = np.linspace(1.0, 0.0, num_steps + 1)
     if shift:
-        mu = math.exp(shift_mu(image_seq_len))
-        with np.errstate(divide="ignore"):
-            sigmas = np.where(sigmas > 0, mu / (mu + (1.0 / np.maximum(sigmas, 1e-30) - 1.0)), 0.0)
+        sigmas = shift_sigmas(sigmas, image_seq_len)
     return sigmas.astype(np.float32)
 
 
@@ -78,11 +84,13 @@ def denoise(
     sigmas: jax.Array,
     guidance: jax.Array | None = None,
     callback: Callable[[int], None] | None = None,
+    steps: int | jax.Array | None = None,
 ) -> jax.Array:
     """Euler integration of the flow from sigma_0 to sigma_n: x <- x + (sigma_{i+1} - sigma_i) * v(x, sigma_i).
 
     One `fori_loop` over the steps, so under jit the model is traced once whatever the step count.
-    `callback(i)` runs on the host after step i (progress bars).
+    `callback(i)` runs on the host after step i (progress bars). `steps` (may be traced) stops after
+    that many steps, at sigma_steps, instead of at the end.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     batch = img.shape[0]
@@ -94,4 +102,4 @@ def denoise(
             jax.debug.callback(lambda step, _: callback(int(step)), i, v[0, 0, 0])  # after the step
         return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
 
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, img)
+    return jax.lax.fori_loop(0, sigmas.shape[0] - 1 if steps is None else steps, step, img)

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from convert.atomic import atomic_file
-from flux_jax.sampling import denoise, schedule, shift_mu
+from flux_jax.sampling import denoise, schedule, shift_sigmas
 from train.config import DistillConfig
 from train.data import DataError, PromptEmbeddings, position_ids
 
@@ -88,6 +88,5 @@ def cached_state(x0: jax.Array, noise: jax.Array, key: jax.Array, *, shift: bool
     batch, tokens, _ = x0.shape
     t = jax.nn.sigmoid(jax.random.normal(key, (batch,)))
     if shift:
-        mu = math.exp(shift_mu(tokens))
-        t = mu / (mu + (1.0 / t - 1.0))
+        t = shift_sigmas(t, tokens)
     return (1.0 - t)[:, None, None] * x0 + t[:, None, None] * noise, t

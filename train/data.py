@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flux_jax.config import FluxConfig
-from flux_jax.sampling import image_ids, schedule, text_ids
+from flux_jax.sampling import denoise, image_ids, schedule, text_ids
 
 
 class DataError(ValueError):
@@ -64,13 +64,7 @@ def trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, key, *,
     batch, length, _ = noise.shape
     sigmas = jnp.asarray(schedule(sampler_steps, length, shift=teacher.config.guidance_embed))
     k = jax.random.randint(key, (), 0, sampler_steps)
-
-    def step(i, x):
-        t = jnp.full((batch,), sigmas[i], jnp.float32)
-        v = teacher(x, img_ids, txt, txt_ids, t, y, guidance)
-        return x + (sigmas[i + 1] - sigmas[i]) * v.astype(x.dtype)
-
-    x = jax.lax.fori_loop(0, k, step, noise)
+    x = denoise(teacher, noise, img_ids, txt, txt_ids, y, sigmas, guidance, steps=k)
     return jax.lax.stop_gradient(x), jnp.full((batch,), sigmas[k], jnp.float32)
 
 
