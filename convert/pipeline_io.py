@@ -18,8 +18,10 @@ from convert.loader import load_flux, locate
 from convert.text_encoders import load_clip_text_encoder, load_t5_encoder
 from convert.vae import load_vae
 from flux_jax.pipeline import PipelineSettings
+from flux_jax.text import PromptEncoder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def _tokenizer(folder: Path):
@@ -45,23 +47,42 @@ def _settings(root: Path, guidance_embed: bool) -> PipelineSettings:
     return PipelineSettings(dynamic_shift=dynamic, max_sequence_length=256, default_steps=4, default_guidance=0.0)
 
 
-def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> dict:
+def _pipeline_root(path_or_id: str | os.PathLike, components: tuple[str, ...]) -> Path:
     root = locate(path_or_id)
     if not root.is_dir():
-        raise CheckpointError(f"{root}: a pipeline is a folder with {', '.join(c + '/' for c in COMPONENTS)}")
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        raise CheckpointError(f"{root}: a pipeline is a folder with {', '.join(c + '/' for c in components)}")
+    missing = [c for c in components if not (root / c).is_dir()]
     if missing:
-        raise CheckpointError(f"{root}: missing component {missing[0]}/ (a FLUX pipeline needs {', '.join(COMPONENTS)})")
-    transformer = load_flux(root / "transformer", dtype=dtype, mesh=mesh)
+        raise CheckpointError(f"{root}: missing component {missing[0]}/ (needs {', '.join(components)})")
+    return root
+
+
+def _text_components(root: Path, *, dtype, mesh) -> dict:
     return {
-        "transformer": transformer,
-        "vae": load_vae(root / "vae", dtype=dtype, mesh=mesh),
         "clip": load_clip_text_encoder(root / "text_encoder", dtype=dtype, mesh=mesh),
         "t5": load_t5_encoder(root / "text_encoder_2", dtype=dtype, mesh=mesh),
         "clip_tokenizer": _tokenizer(root / "tokenizer"),
         "t5_tokenizer": _tokenizer(root / "tokenizer_2"),
+    }
+
+
+def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> dict:
+    root = _pipeline_root(path_or_id, COMPONENTS)
+    transformer = load_flux(root / "transformer", dtype=dtype, mesh=mesh)
+    return {
+        "transformer": transformer,
+        "vae": load_vae(root / "vae", dtype=dtype, mesh=mesh),
+        **_text_components(root, dtype=dtype, mesh=mesh),
         "settings": _settings(root, transformer.config.guidance_embed),
     }
+
+
+def load_prompt_encoder(path_or_id: str | os.PathLike, *, max_sequence_length: int = 512, dtype=None,
+                        mesh=None) -> PromptEncoder:
+    """The text half of a pipeline folder, hub id or bundle (text_encoder/, text_encoder_2/,
+    tokenizer/, tokenizer_2/): what a distillation run encodes its prompts with."""
+    root = _pipeline_root(path_or_id, TEXT_COMPONENTS)
+    return PromptEncoder(**_text_components(root, dtype=dtype, mesh=mesh), max_sequence_length=max_sequence_length)
 
 
 def write_bundle(src: str | os.PathLike, directory: Path, *, dtype=None, progress: bool = False) -> None:
@@ -69,10 +90,7 @@ def write_bundle(src: str | os.PathLike, directory: Path, *, dtype=None, progres
     other components (already readable without torch) copied as they are."""
     from convert.orbax_io import write_flux
 
-    root = locate(src)
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise CheckpointError(f"{root}: missing component {missing[0]}/ (a FLUX pipeline needs {', '.join(COMPONENTS)})")
+    root = _pipeline_root(src, COMPONENTS)
     (directory / "transformer").mkdir()
     write_flux(load_flux(root / "transformer", dtype=dtype, progress=progress), directory / "transformer")
     for component in COMPONENTS[1:]:

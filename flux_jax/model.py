@@ -55,9 +55,13 @@ class Flux(nnx.Module):
         timesteps: jax.Array,
         y: jax.Array,
         guidance: jax.Array | None = None,
-    ) -> jax.Array:
+        *,
+        return_features: bool = False,
+    ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         """img (B, L, in_channels), img_ids (B, L, 3), txt (B, S, context_in_dim), txt_ids (B, S, 3),
-        timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) raw scale -> (B, L, out_channels)."""
+        timesteps (B,) in [0, 1], y (B, vec_in_dim), guidance (B,) raw scale -> (B, L, out_channels).
+        return_features: also the image tokens' hidden states (B, L, hidden_size) after every block,
+        double then single, which block-feature distillation matches."""
         c = self.config
         img, img_ids, txt, txt_ids, timesteps, y = map(jnp.asarray, (img, img_ids, txt, txt_ids, timesteps, y))
         _check_inputs(c, img, img_ids, txt, txt_ids, timesteps, y, guidance)
@@ -72,12 +76,16 @@ class Flux(nnx.Module):
         pe = rope(jnp.concatenate([txt_ids, img_ids], axis=1), c.axes_dim, c.theta)
 
         run = _remat_block if c.remat else _call_block
+        features = []
         for block in self.double_blocks:
             img, txt = run(block, img, txt, vec, pe)
+            features.append(img)
         x = jnp.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
             x = run(block, x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+            features.append(x[:, txt.shape[1] :])
+        out = self.final_layer(x[:, txt.shape[1] :], vec)
+        return (out, features) if return_features else out
 
 
 def _check_inputs(c: FluxConfig, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from flax import nnx
 from flux_jax.model import Flux
 from flux_jax.sampling import denoise, image_ids, pack_latents, schedule, text_ids, unpack_latents
 from flux_jax.text import CLIPTextEncoder, T5Encoder
+from flux_jax.text.prompts import PromptEncoder
 from flux_jax.vae import AutoencoderKL
 
 
@@ -36,24 +36,13 @@ class PipelineSettings:
     default_guidance: float = 3.5
 
 
-def tokenize(tokenizer, prompts: Sequence[str], max_length: int, name: str) -> np.ndarray:
-    """Token ids (B, max_length), padded; a prompt longer than max_length is truncated with a warning."""
-    for prompt in prompts:
-        length = len(tokenizer(prompt, truncation=False)["input_ids"])
-        if length > max_length:
-            warnings.warn(f"{name}: prompt {prompt!r} has {length} tokens; only the first {max_length} are used", stacklevel=3)
-    out = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
-    return np.asarray(out["input_ids"], np.int32)
-
-
 class FluxPipeline:
     def __init__(self, transformer: Flux, vae: AutoencoderKL, clip: CLIPTextEncoder, t5: T5Encoder,
                  clip_tokenizer, t5_tokenizer, settings: PipelineSettings = PipelineSettings()):
         self.transformer, self.vae, self.clip, self.t5 = transformer, vae, clip, t5
-        self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
+        self.text = PromptEncoder(clip, t5, clip_tokenizer, t5_tokenizer, settings.max_sequence_length)
         self.settings = settings
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._encode = nnx.jit(lambda clip, t5, clip_ids, t5_ids: (clip(clip_ids)[1], t5(t5_ids)))
         self._generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
         self._on_step: Callable[[int], None] = lambda step: None
 
@@ -68,10 +57,7 @@ class FluxPipeline:
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """(pooled CLIP vectors (B, 768), T5 token features (B, S, 4096))."""
-        clip_length = min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings)
-        clip_ids = tokenize(self.clip_tokenizer, prompts, clip_length, "CLIP")
-        t5_ids = tokenize(self.t5_tokenizer, prompts, self.settings.max_sequence_length, "T5")
-        return self._encode(self.clip, self.t5, clip_ids, t5_ids)
+        return self.text(prompts)
 
     def _report_step(self, step: int) -> None:
         self._on_step(step)

@@ -21,7 +21,8 @@ from flux_jax.ternary import describe, quantize_model
 from train import checkpointing, distill
 from train.config import DistillConfig, MeshConfig
 from train.data import DataError, PromptEmbeddings, position_ids
-from train.mesh import MeshError
+from train.losses import distill_loss
+from train.mesh import MeshError, make_mesh
 
 BASE = DistillConfig(teacher="tiny", num_random_prompts=16, text_length=4, latent_height=8, latent_width=8, batch_size=8,
                      sampler_steps=3, learning_rate=1e-3, warmup_steps=2, steps=6, save_every=2, log_every=1,
@@ -39,7 +40,7 @@ def fixed_states_loss(student, teacher):
     x = jax.random.normal(jax.random.key(5), (8, 16, teacher.config.in_channels))
     t = jnp.asarray(schedule(3, 16)[:3].repeat(3)[:8])
     g = jnp.full((8,), 3.5)
-    return float(distill.velocity_loss(student, teacher, x, t, img_ids, prompts.txt, txt_ids, prompts.y, g))
+    return float(distill_loss(student, teacher, x, t, img_ids, prompts.txt, txt_ids, prompts.y, g)[0])
 
 
 def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
@@ -50,7 +51,7 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
     assert after < 0.75 * before, (before, after)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81))
-    assert {"loss", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(rows[0])
+    assert {"loss", "velocity_loss", "feature_loss", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(rows[0])
     assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step-0000040.png", "step-0000080.png"]
     from PIL import Image
 
@@ -111,9 +112,13 @@ def test_resume_onto_a_smaller_mesh(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = distill.velocity_loss
-    # nan whenever the state is not pure noise (t < 1): the first such step breaks the run
-    monkeypatch.setattr(distill, "velocity_loss", lambda *a: real(*a) * jnp.where(a[3][0] < 0.99, jnp.nan, 1.0))
+    real = distill.distill_loss
+
+    def poisoned(*args, **kwargs):  # nan whenever the state is not pure noise (t < 1)
+        loss, parts = real(*args, **kwargs)
+        return loss * jnp.where(args[3][0] < 0.99, jnp.nan, 1.0), parts
+
+    monkeypatch.setattr(distill, "distill_loss", poisoned)
     with pytest.raises(distill.TrainingError, match=r"loss is nan at step \d+; stopped without saving") as info:
         run(tmp_path, "nan", steps=12, save_every=1, sampler_steps=2)
     failed = int(str(info.value).split("at step ")[1].split(";")[0])
@@ -207,3 +212,57 @@ def test_latent_cache_is_built_once_resumes_and_feeds_training(tmp_path):
     assert os.path.getmtime(str(folder / chunks[0])) == stamp
     losses = distill.train(config)["losses"]
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from tests.pipeline_reference import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("pipe") / "tiny-dev"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_text_prompts_are_encoded_with_the_teachers_own_encoders(tmp_path, pipeline_folder):
+    from flux_jax import FluxPipeline
+
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red fox in the snow"}\n\n"a blue cat"\n{"prompt": "the digit seven"}\n')
+    config = dataclasses.replace(BASE, teacher=str(pipeline_folder), prompts=str(tmp_path / "prompts.jsonl"), text_length=12,
+                                 batch_size=2, workdir=str(tmp_path / "run"), steps=2)
+    teacher = load_flux(pipeline_folder / "transformer")
+    prompts = distill.load_prompts(config, teacher.config, make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2]))
+    pipe = FluxPipeline.from_pretrained(pipeline_folder)
+    pipe.text.max_sequence_length = 12
+    y, txt = pipe.encode_prompts(["a red fox in the snow", "a blue cat", "the digit seven"])
+    assert prompts.txt.shape == (3, 12, teacher.config.context_in_dim)
+    np.testing.assert_allclose(prompts.txt, txt, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prompts.y, y, rtol=1e-5, atol=1e-6)
+    assert distill.train(config)["last_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "holds no prompts"), ('{"text": "a fox"}\n', r"prompts.jsonl:1: not a JSON string"),
+     ('"a fox"\n{"prompt": ""}\n', r"prompts.jsonl:2: the prompt is not a non-empty string")],
+)
+def test_bad_prompt_files_are_named(tmp_path, content, message):
+    (tmp_path / "prompts.jsonl").write_text(content)
+    with pytest.raises(DataError, match=message):
+        run(tmp_path, "bad", prompts=str(tmp_path / "prompts.jsonl"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_text_prompts_need_text_encoders(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red fox\n")
+    with pytest.raises(CheckpointError, match="missing component text_encoder/.*--text-encoders"):
+        run(tmp_path, "bad", prompts=str(tmp_path / "prompts.txt"), text_encoders=str(tmp_path))
+
+
+def test_feature_matching_is_logged_and_trains(tmp_path):
+    result = run(tmp_path, "features", feature_weight=0.5, steps=4, save_every=4)
+    rows = [json.loads(line) for line in (tmp_path / "features" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["feature_loss"] > 0
+        np.testing.assert_allclose(row["loss"], row["velocity_loss"] + 0.5 * row["feature_loss"], rtol=1e-5)
+    assert result["last_step"] == 4

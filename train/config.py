@@ -27,9 +27,15 @@ class DistillConfig:
     workdir: str = "runs/distill"
     """checkpoints (workdir/checkpoints) and metrics (workdir/metrics.jsonl); resumed from if present"""
     prompts: str | None = None
-    """.npz of precomputed text embeddings: txt (N, S, context_in_dim), y (N, vec_in_dim); None: random ones"""
+    """.txt (one prompt per line) or .jsonl ({"prompt": ...} per line) encoded with text_encoders before
+    training, or an .npz of precomputed embeddings: txt (N, S, context_in_dim), y (N, vec_in_dim);
+    None: random embeddings (smoke runs)"""
+    text_encoders: str | None = None
+    """pipeline folder, hub id or bundle whose text_encoder(_2)/ and tokenizer(_2)/ encode text prompts
+    (None: the teacher's own folder)"""
     num_random_prompts: int = 64
     text_length: int = 8
+    """T5 tokens per prompt (512 for dev, 256 for schnell) and the length of random embeddings"""
     latent_height: int = 16
     """latent grid of the training states (image size / 8); packed to (height/2) * (width/2) tokens"""
     latent_width: int = 16
@@ -40,6 +46,8 @@ class DistillConfig:
     (x_t around teacher latents sampled once by `python -m train.distill cache`)"""
     sampler_steps: int = 8
     """length of the teacher trajectories the training states (or cached latents) come from"""
+    feature_weight: float = 0.0
+    """weight of block-feature matching (relative MSE of the image hidden states after every block)"""
     guidance_min: float = 1.0
     guidance_max: float = 5.0
     learning_rate: float = 3e-4
@@ -72,8 +80,8 @@ PRESETS: dict[str, tuple[str, DistillConfig]] = {
     "smoke": ("a tiny random teacher, seconds on a laptop",
               DistillConfig(steps=30, save_every=10, log_every=5, sample_every=15)),
     "flux-dev": (
-        "FLUX.1-dev at 1024x1024 (needs --teacher and --prompts)",
-        DistillConfig(teacher="black-forest-labs/FLUX.1-dev", latent_height=128, latent_width=128, batch_size=32,
+        "FLUX.1-dev at 1024x1024 (needs --prompts; text prompts are encoded with the teacher's own encoders)",
+        DistillConfig(teacher="black-forest-labs/FLUX.1-dev", text_length=512, latent_height=128, latent_width=128, batch_size=32,
                       steps=20_000, sampler_steps=28, learning_rate=1e-5, warmup_steps=500, student_dtype="bfloat16",
                       remat=True, save_every=500, log_every=10, sample_every=500),
     ),

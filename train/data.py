@@ -1,10 +1,12 @@
-"""What the student learns from, with no images: prompt embeddings, and states along the teacher's own
-trajectories from noise. Every batch is a pure function of (seed, step), so a resumed run draws the
-same batches as an uninterrupted one."""
+"""What the student learns from, with no images: prompts (text encoded once before training, or
+precomputed embeddings), and states along the teacher's own trajectories from noise. Every batch is a
+pure function of (seed, step), so a resumed run draws the same batches as an uninterrupted one."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -36,10 +38,31 @@ class PromptEmbeddings:
             raise DataError(f"{path}: not an .npz with arrays 'txt' and 'y' ({err})") from None
         if len(txt) == 0:
             raise DataError(f"{path}: holds no prompts")
+        return cls(txt, y)._checked(path, config)
+
+    def _checked(self, source: str, config: FluxConfig) -> PromptEmbeddings:
+        txt, y = self.txt, self.y
         if txt.ndim != 3 or txt.shape[2] != config.context_in_dim or y.shape != (len(txt), config.vec_in_dim):
-            raise DataError(f"{path}: txt {txt.shape} and y {y.shape} do not fit the teacher "
+            raise DataError(f"{source}: txt {txt.shape} and y {y.shape} do not fit the teacher "
                             f"(context_in_dim {config.context_in_dim}, vec_in_dim {config.vec_in_dim})")
-        return cls(txt, y)
+        return self
+
+    @classmethod
+    def encode(cls, encoder, prompts: Sequence[str], config: FluxConfig, *, batch_size: int,
+               source: str = "text encoders") -> PromptEmbeddings:
+        """Prompts through `encoder` (a flux_jax.text.PromptEncoder), `batch_size` at a time (the last
+        batch padded, so one compiled shape serves all); every process encodes every prompt."""
+        from jax.experimental import multihost_utils
+
+        txt, y = [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            pooled, features = encoder(chunk + [chunk[-1]] * (batch_size - len(chunk)))
+            if jax.process_count() > 1:
+                pooled, features = multihost_utils.process_allgather((pooled, features), tiled=True)
+            txt.append(np.asarray(features, np.float32)[: len(chunk)])
+            y.append(np.asarray(pooled, np.float32)[: len(chunk)])
+        return cls(np.concatenate(txt), np.concatenate(y))._checked(source, config)
 
     @classmethod
     def random(cls, n: int, length: int, config: FluxConfig, seed: int) -> PromptEmbeddings:
@@ -47,6 +70,31 @@ class PromptEmbeddings:
         rng = np.random.default_rng(seed)
         return cls(rng.standard_normal((n, length, config.context_in_dim)).astype(np.float32),
                    rng.standard_normal((n, config.vec_in_dim)).astype(np.float32))
+
+
+def read_prompts(path: str) -> list[str]:
+    """Text prompts: one per line of a .txt file, or one JSON object with a "prompt" field (or a JSON
+    string) per line of a .jsonl file. Blank lines are skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: no such prompt file")
+    prompts = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if file.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(record if isinstance(record, str) else record["prompt"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path}:{number}: not a JSON string or an object with a \"prompt\" field") from None
+        if not isinstance(prompts[-1], str) or not prompts[-1].strip():
+            raise DataError(f"{path}:{number}: the prompt is not a non-empty string")
+    if not prompts:
+        raise DataError(f"{path}: holds no prompts")
+    return prompts
 
 
 def batch_indices(num_prompts: int, batch_size: int, seed: int, step: int) -> np.ndarray:

@@ -15,6 +15,7 @@ loss stops the run and leaves the last good checkpoint as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
 from convert.orbax_io import write_flux
+from convert.pipeline_io import load_prompt_encoder
 from flux_jax.config import PRESETS as MODEL_PRESETS
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
@@ -43,7 +45,8 @@ from train.cache import build_cache, cached_state, load_cache
 from train.samples import sample_grid, save_png
 from train.tensorboard import ScalarWriter
 from train.config import PRESETS, DistillConfig
-from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, trajectory_state
+from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, read_prompts, trajectory_state
+from train.losses import distill_loss
 from train.mesh import MeshError, make_mesh
 
 PROG = "python -m train.distill"
@@ -77,12 +80,6 @@ def optimizer_for(config: DistillConfig) -> optax.GradientTransformation:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
                      optax.adamw(learning_rate(config), weight_decay=config.weight_decay))
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
-
-
-def velocity_loss(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance):
-    """MSE between the student's and the frozen teacher's velocity at the same state."""
-    target = jax.lax.stop_gradient(teacher(x, img_ids, txt, txt_ids, t, y, guidance)).astype(jnp.float32)
-    return jnp.mean(jnp.square(student(x, img_ids, txt, txt_ids, t, y, guidance).astype(jnp.float32) - target))
 
 
 def _check(config: DistillConfig, mesh) -> None:
@@ -121,9 +118,24 @@ def _setup(config: DistillConfig):
     mesh = make_mesh(config.mesh)
     _check(config, mesh)
     teacher = load_teacher(config.teacher, mesh, config.seed)
-    prompts = (PromptEmbeddings.load(config.prompts, teacher.config) if config.prompts
-               else PromptEmbeddings.random(config.num_random_prompts, config.text_length, teacher.config, config.seed))
-    return mesh, teacher, prompts
+    return mesh, teacher, load_prompts(config, teacher.config, mesh)
+
+
+def load_prompts(config: DistillConfig, flux: FluxConfig, mesh) -> PromptEmbeddings:
+    """The run's prompts as embeddings: precomputed (.npz), text encoded now with the text encoders of
+    `text_encoders` (default: the teacher's folder), or random stand-ins when no prompts are given."""
+    if config.prompts is None:
+        return PromptEmbeddings.random(config.num_random_prompts, config.text_length, flux, config.seed)
+    if config.prompts.endswith(".npz"):
+        return PromptEmbeddings.load(config.prompts, flux)
+    texts = read_prompts(config.prompts)
+    source = config.text_encoders or config.teacher
+    try:
+        encoder = load_prompt_encoder(source, max_sequence_length=config.text_length, dtype=flux.dtype, mesh=mesh)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; text prompts are encoded with --text-encoders (default: the teacher's folder)") from None
+    with jax.set_mesh(mesh):
+        return PromptEmbeddings.encode(encoder, texts, flux, batch_size=config.batch_size, source=source)
 
 
 def make_train_step(config: DistillConfig, *, text_length: int):
@@ -143,9 +155,10 @@ def make_train_step(config: DistillConfig, *, text_length: int):
             x, t = trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, k_state, sampler_steps=config.sampler_steps)
         else:
             x, t = cached_state(x0, noise, k_state, shift=teacher.config.guidance_embed)
-        loss, grads = nnx.value_and_grad(velocity_loss)(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance)
+        loss_fn = functools.partial(distill_loss, feature_weight=config.feature_weight)
+        (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(student, teacher, x, t, img_ids, txt, txt_ids, y, guidance)
         optimizer.update(student, grads)
-        return loss, optax.tree.norm(grads)
+        return loss, {"grad_norm": optax.tree.norm(grads), **parts}
 
     return train_step
 
@@ -185,7 +198,7 @@ def train(config: DistillConfig) -> dict:
             x0 = None if latents is None else global_batch(latents[rows], batch_sharding)
             began = time.perf_counter()
             with jax.set_mesh(mesh):
-                loss, grad_norm = train_step(student, optimizer, teacher, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
+                loss, extras = train_step(student, optimizer, teacher, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
             loss = float(loss)
             seconds = time.perf_counter() - began
             if not np.isfinite(loss):
@@ -195,7 +208,7 @@ def train(config: DistillConfig) -> dict:
             losses[step + 1] = loss
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
             if is_main and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-                metrics = {"loss": loss, "grad_norm": float(grad_norm), "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
+                metrics = {"loss": loss, **{name: float(value) for name, value in extras.items()}, "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
                            "samples_per_s": config.batch_size / seconds}
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as f:
