@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from convert.errors import CheckpointError
 from convert.loader import check_keys, default_dtype, find_tensor_files
+from convert.safetensors_io import StoredTensor
 from flux_jax.params import fill
 
 _TO_FLAX = {2: (1, 0), 4: (2, 3, 1, 0)}
@@ -59,12 +59,11 @@ def load_mirrored(folder: Path, model_fn: Callable[[], nnx.Module], *, mesh: Mes
 
     def value_of(path, var):
         key, transpose = torch_key(path)
-        value = tensors.read(names[key])
-        if transpose:
-            value = value.transpose(_TO_FLAX[value.ndim])
+        axes = _TO_FLAX[len(tensors.shape(names[key]))] if transpose else None
+        value = StoredTensor(tensors, (names[key],), axes=axes)  # read shard by shard on a mesh
         if value.shape != tuple(var.shape):
             raise CheckpointError(f"{tensors.file_of(names[key])}: tensor {names[key]!r} does not fit {'.'.join(map(str, path))} "
                                   f"(shape {value.shape} after layout change, expected {tuple(var.shape)})")
-        return np.ascontiguousarray(value)
+        return value
 
     return fill(abstract, value_of, mesh=mesh)

@@ -12,7 +12,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -21,7 +20,7 @@ from convert import layouts
 from convert.errors import CheckpointError
 from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint
 from convert.packed_io import file_format, load_packed_safetensors
-from convert.safetensors_io import SafetensorsFiles
+from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import fill
@@ -170,22 +169,20 @@ def check_keys(name: str, have: set[str], needed: set[str], ignored: set[str] = 
             raise CheckpointError(f"{name}: {problem} {first!r}{suffix}{what}")
 
 
-def _read_leaf(tensors: SafetensorsFiles, source: layouts.Source, prefix: str, name: str, shape) -> np.ndarray:
-    parts = [tensors.read(prefix + k) for k in source.keys]
-    try:
-        value = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-    except ValueError:
-        detail = ", ".join(f"{k} {p.shape}" for k, p in zip(source.keys, parts))
-        raise CheckpointError(f"{tensors.name}: tensors that make up {name} do not fit together: {detail}") from None
-    if source.swap_halves:
-        value = np.concatenate(np.split(value, 2, axis=0)[::-1], axis=0)
-    if source.transpose:
-        value = value.T
+def _read_leaf(tensors: SafetensorsFiles, source: layouts.Source, prefix: str, name: str, shape) -> StoredTensor:
+    """Leaf `name` as a region reader over its source tensors, its shape checked from the headers."""
+    keys = tuple(prefix + k for k in source.keys)
+    shapes = [tensors.shape(k) for k in keys]
+    if len(keys) > 1 and (any(not s for s in shapes) or len({s[1:] for s in shapes}) > 1):
+        detail = ", ".join(f"{k} {s}" for k, s in zip(source.keys, shapes))
+        raise CheckpointError(f"{tensors.name}: tensors that make up {name} do not fit together: {detail}")
+    ndim = len(shapes[0])
+    value = StoredTensor(tensors, keys, swap_halves=source.swap_halves,
+                         axes=tuple(reversed(range(ndim))) if source.transpose else None)
     if value.shape != tuple(shape):
-        where = tensors.file_of(prefix + source.keys[0])
-        got = value.shape[::-1] if source.transpose else value.shape
         want = tuple(shape)[::-1] if source.transpose else tuple(shape)
         raise CheckpointError(
-            f"{where}: tensor {prefix + '+'.join(source.keys)!r} has shape {got}, expected {want} for {name}"
+            f"{tensors.file_of(keys[0])}: tensor {prefix + '+'.join(source.keys)!r} has shape {value.stored_shape}, "
+            f"expected {want} for {name}"
         )
     return value

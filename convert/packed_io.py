@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from convert.errors import CheckpointError
-from convert.safetensors_io import SafetensorsFiles
+from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import fill
@@ -86,7 +86,9 @@ def load_packed_safetensors(path: Path, *, dtype=None, mesh: Mesh | None = None)
                 return pack_ternary(unpack_archive(data, (k, var.shape[1])))
             except ValueError as err:
                 raise CheckpointError(f"{path}: tensor {name[: -len('codes')] + _BASE3!r}: {err}") from None
-        value = tensors.read(name)
+        if name not in tensors:
+            raise CheckpointError(f"{path}: missing key {name!r}")
+        value = StoredTensor(tensors, (name,))  # read shard by shard on a mesh
         if value.shape != tuple(var.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {value.shape}, expected {tuple(var.shape)}")
         return value
