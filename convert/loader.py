@@ -14,9 +14,11 @@ from pathlib import Path
 
 from flax import nnx
 from jax.sharding import Mesh
+from etils import epath
 from tqdm.auto import tqdm
 
 from convert import layouts
+from convert.atomic import is_remote
 from convert.errors import CheckpointError
 from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint
 from convert.packed_io import file_format, load_packed_safetensors
@@ -47,6 +49,9 @@ def load_flux(
     location = locate(path)
     if location.is_dir() and is_flux_checkpoint(location):
         return load_flux_checkpoint(location, dtype=dtype, mesh=mesh)
+    if is_remote(path):
+        raise CheckpointError(f"{os.fspath(path)}: only our Orbax checkpoints are read from remote locations; copy "
+                              "safetensors files to a local disk (or convert them with python -m convert.torch_to_flax)")
     if location.is_file() and location.suffix == ".safetensors" and file_format(location):
         return load_packed_safetensors(location, dtype=dtype, mesh=mesh)
     tensors, config_json = find_tensor_files(location)
@@ -54,7 +59,13 @@ def load_flux(
 
 
 def locate(path: str | os.PathLike) -> Path:
-    """A local path, or the snapshot folder of a hub id found in the local Hugging Face cache."""
+    """A local path, a remote one (gs://...; through etils.epath), or the snapshot folder of a hub id
+    found in the local Hugging Face cache."""
+    if is_remote(path):
+        remote = epath.Path(path)
+        if remote.exists():
+            return remote
+        raise CheckpointError(f"{os.fspath(path)}: no such file or folder")
     local = Path(path).expanduser()
     if local.exists():
         return local

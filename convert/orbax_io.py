@@ -1,5 +1,6 @@
 """Our own checkpoints: an Orbax tree of every model variable plus a small JSON beside it
-(format, version, kind: flux / student / packed, config, quantization policy)."""
+(format, version, kind: flux / student / packed, config, quantization policy), written last: a folder
+with the JSON is whole. Local paths and `etils.epath` locations (gs://...) alike."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from convert.atomic import atomic_directory
+from convert.atomic import atomic_directory, is_remote, location
 from convert.errors import CheckpointError
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
@@ -25,12 +27,13 @@ META_FILE = "flux_jax.json"
 PARAMS_DIR = "params"
 
 
-def is_flux_checkpoint(path: Path) -> bool:
-    return (path / META_FILE).is_file()
+def is_flux_checkpoint(path: str | os.PathLike) -> bool:
+    return (location(path) / META_FILE).is_file()
 
 
-def write_flux(model: Flux, directory: Path) -> None:
-    """Writes `model` (any kind) into the existing, empty `directory`."""
+def write_flux(model: Flux, directory: str | os.PathLike) -> None:
+    """Writes `model` (any kind) into the existing, empty `directory`: the parameters, then the JSON."""
+    directory = location(directory)
     kind, policy = describe(model)
     meta = {
         "format": FORMAT,
@@ -40,21 +43,21 @@ def write_flux(model: Flux, directory: Path) -> None:
         "policy": policy.to_dict() if policy else None,
     }
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(Path(directory).absolute() / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
+        checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
-    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_flux(model: Flux, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Saves `model` as an Orbax checkpoint at `out`, atomically."""
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_flux(model, tmp)
-    return Path(out)
+def save_flux(model: Flux, out: str | os.PathLike, *, overwrite: bool = False) -> Path | epath.Path:
+    """Saves `model` as an Orbax checkpoint at `out` (local or remote), atomically."""
+    with atomic_directory(out, overwrite=overwrite) as directory:
+        write_flux(model, directory)
+    return epath.Path(out) if is_remote(out) else Path(out)
 
 
-def read_meta(path: Path) -> tuple[str, FluxConfig, QuantPolicy | None]:
+def read_meta(path: str | os.PathLike) -> tuple[str, FluxConfig, QuantPolicy | None]:
     """(kind, config, policy) of one of our checkpoints."""
-    meta_path = path / META_FILE
+    meta_path = location(path) / META_FILE
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
@@ -74,7 +77,7 @@ def read_meta(path: Path) -> tuple[str, FluxConfig, QuantPolicy | None]:
     return kind, config, policy
 
 
-def load_flux_checkpoint(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Flux:
+def load_flux_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> Flux:
     """Restores one of our checkpoints straight into its shards (each device reads its slices).
 
     `dtype` changes the float parameters and the compute dtype; packed codes and scales keep theirs."""
@@ -84,7 +87,7 @@ def load_flux_checkpoint(path: Path, *, dtype=None, mesh: Mesh | None = None) ->
         lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=leaf_sharding(v, mesh)),
         nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable),
     ))
-    params_dir = (path / PARAMS_DIR).absolute()
+    params_dir = location(path) / PARAMS_DIR
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(params_dir, targets)

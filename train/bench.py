@@ -2,12 +2,21 @@
 
     python -m train.bench                        # mid-size student, measured here
     python -m train.bench --flux-dev 8           # flux-dev per-device memory on an 8-device mesh (abstract)
+    XLA_FLAGS=--xla_force_host_platform_device_count=32 python -m train.bench --flux-dev 32   # on CPU
+    python -m train.bench --flux-dev 8 --blocks 2 4   # the same step with 2 double + 4 single blocks
 
 Mid-size: width 1024, 4 double + 8 single blocks, 1024 image + 256 text tokens, batch 1, on this
 machine's first device; step time is the median of a few real steps, memory is XLA's buffer assignment
 of the compiled step (arguments + outputs + temporaries). --flux-dev N compiles the real flux-dev step
-for N devices (fsdp) on abstract inputs, nothing allocated; run it where N devices exist, or on CPU
-with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+(1024x1024, batch N, 28-step teacher trajectory, bf16 student) for N devices (fsdp) on abstract
+inputs, nothing allocated, and prints the buffer assignment split into arguments (teacher, student
+and optimizer state: what the step keeps resident between steps), temporaries, and the total, with the
+compile time; run it where N devices exist, or on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N
+(one CPU compile of the full model takes about 4 minutes on an idle core; there are two, remat on
+and off). The CPU backend's temporaries are not an accelerator's, and most likely far above them: they
+hold float32 copies of the bf16 weights (its dots run in float32) and come from a schedule with no
+memory limit (no rematerialisation, weights all-gathered early and held). The arguments are the same
+on every backend. --blocks compiles the step with fewer blocks (compile-time and linearity checks).
 """
 
 from __future__ import annotations
@@ -41,16 +50,28 @@ def _abstract(flux: FluxConfig, config: DistillConfig):
     return teacher, student, optimizer
 
 
-def step_memory(flux: FluxConfig, config: DistillConfig, mesh) -> int:
-    """Bytes per device XLA assigns to one compiled training step (arguments + outputs + temporaries)."""
+def step_analysis(flux: FluxConfig, config: DistillConfig, mesh):
+    """XLA's per-device buffer assignment of one compiled training step (`memory_analysis()`), and the
+    seconds that lowering and compiling took."""
     text = 256
+    began = time.perf_counter()
     with jax.set_mesh(mesh):
         teacher, student, optimizer = _abstract(flux, config)
         batch = config.batch_size
         args = (jax.ShapeDtypeStruct((batch, text, flux.context_in_dim), jnp.float32),
                 jax.ShapeDtypeStruct((batch, flux.vec_in_dim), jnp.float32), None, jax.random.key(0))
         stats = make_train_step(config, text_length=text).lower(student, optimizer, teacher, *args).compile().memory_analysis()
+    return stats, time.perf_counter() - began
+
+
+def total_bytes(stats) -> int:
+    """Arguments + outputs (less those aliased to donated arguments) + temporaries."""
     return stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+
+
+def step_memory(flux: FluxConfig, config: DistillConfig, mesh) -> int:
+    """Bytes per device XLA assigns to one compiled training step (arguments + outputs + temporaries)."""
+    return total_bytes(step_analysis(flux, config, mesh)[0])
 
 
 def step_seconds(flux: FluxConfig, config: DistillConfig, repeats: int) -> float:
@@ -78,9 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flux-dev", type=int, metavar="N", help="flux-dev per-device memory on N devices instead")
+    parser.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
+                        help="with --flux-dev: this many double and single blocks instead of 19 and 38")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     base = DistillConfig(batch_size=1, latent_height=64, latent_width=64, sampler_steps=4)
+    if args.blocks and not args.flux_dev:
+        parser.error("--blocks goes with --flux-dev")
     if args.flux_dev:
         if len(jax.devices()) < args.flux_dev:
             parser.error(f"{args.flux_dev} devices asked for, {len(jax.devices())} present")
@@ -88,11 +113,23 @@ def main(argv: list[str] | None = None) -> None:
         config = dataclasses.replace(base, batch_size=args.flux_dev, latent_height=128, latent_width=128,
                                      student_dtype="bfloat16", remat=True, sampler_steps=28)
         flux = FluxConfig.preset("flux-dev")
-        print(f"flux-dev distillation step, 1024x1024, batch {config.batch_size}, fsdp={args.flux_dev}, "
-              f"{jax.devices()[0].platform} buffer assignment:")
+        if args.blocks:
+            flux = flux.replace(depth=args.blocks[0], depth_single_blocks=args.blocks[1])
+        device = jax.devices()[0]
+        print(f"flux-dev distillation step ({flux.depth} double + {flux.depth_single_blocks} single blocks), "
+              f"1024x1024, batch {config.batch_size}, {config.sampler_steps}-step teacher trajectory, bf16 student, "
+              f"fsdp={args.flux_dev}, {device.platform} ({device.device_kind}) buffer assignment per device:")
         for remat in (True, False):
-            gib = step_memory(flux, dataclasses.replace(config, remat=remat), mesh) / 2**30
-            print(f"  remat {str(remat):5}  {gib:8.2f} GiB per device")
+            stats, seconds = step_analysis(flux, dataclasses.replace(config, remat=remat), mesh)
+            gib = 2**30
+            print(f"  remat {str(remat):5}  total {total_bytes(stats) / gib:8.2f} GiB  = arguments "
+                  f"{stats.argument_size_in_bytes / gib:6.2f} (teacher, student, optimizer state) + temporaries "
+                  f"{stats.temp_size_in_bytes / gib:8.2f} + outputs not aliased "
+                  f"{(stats.output_size_in_bytes - stats.alias_size_in_bytes) / gib:5.2f}   (compiled in {seconds:.0f} s)",
+                  flush=True)
+        if device.platform == "cpu":
+            print("  CPU backend: temporaries include float32 copies of bf16 weights and a schedule with no memory limit; "
+                  "not an accelerator's figure; compile there for that (see docs/benchmarks.md)")
         return
     print(f"mid-size distillation step (width 1024, 4 double + 8 single blocks, 1024 + 256 tokens, batch 1, "
           f"bf16 teacher, f32 student) on {jax.devices()[0].device_kind}:")

@@ -7,6 +7,7 @@ Chunks are written atomically and skipped when present, so an interrupted build 
 
 from __future__ import annotations
 
+import io
 import math
 
 import jax
@@ -16,7 +17,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from convert.atomic import atomic_file
+from convert.atomic import write_file
 from flux_jax.sampling import denoise, schedule, shift_sigmas
 from train.config import DistillConfig
 from train.data import DataError, PromptEmbeddings, position_ids
@@ -55,15 +56,16 @@ def build_cache(config: DistillConfig, teacher, prompts: PromptEmbeddings, batch
                     jax.device_put(prompts.y[rows], batch_sharding), sigmas, guidance)
         x0 = multihost_utils.process_allgather(x0, tiled=True) if jax.process_count() > 1 else np.asarray(x0)
         if jax.process_index() == 0:
-            _write_atomically(_chunk_path(config, index), np.asarray(x0, np.float32)[: min(chunk, n - index * chunk)])
+            write_file(_chunk_path(config, index), _npy(np.asarray(x0, np.float32)[: min(chunk, n - index * chunk)]))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("latent cache written")
     return cache_dir(config)
 
 
-def _write_atomically(path: epath.Path, array: np.ndarray) -> None:
-    with atomic_file(str(path)) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def load_cache(config: DistillConfig, num_prompts: int) -> np.ndarray:
@@ -75,7 +77,8 @@ def load_cache(config: DistillConfig, num_prompts: int) -> np.ndarray:
         if not path.exists():
             raise DataError(f"{path}: missing from the latent cache; build it with `python -m train.distill cache` "
                             "and the same flags")
-        parts.append(np.load(str(path)))
+        with path.open("rb") as f:
+            parts.append(np.load(f))
     latents = np.concatenate(parts)
     tokens = (config.latent_height // 2) * (config.latent_width // 2)
     if latents.shape[:2] != (num_prompts, tokens):

@@ -1,17 +1,19 @@
 """Orbax checkpoints of a run: the student and its optimizer state plus the step, restorable onto any
-mesh (targets carry the new mesh's shardings)."""
+mesh (targets carry the new mesh's shardings). Orbax writes gs:// itself, committing each step with a
+marker file where it cannot rename."""
 
 from __future__ import annotations
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
+
+from convert.atomic import location
 
 
 def manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+    return ocp.CheckpointManager(location(workdir) / "checkpoints", options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: nnx.State, *, force: bool = False) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from convert.atomic import atomic_file
+from convert.atomic import write_file
 from flux_jax.sampling import denoise, schedule, unpack_latents
 from train.data import PromptEmbeddings, position_ids
 
@@ -46,6 +48,6 @@ def sample_grid(teacher, student, prompts: PromptEmbeddings, *, latent_height: i
 def save_png(image: np.ndarray, path: epath.Path, scale: int = 4) -> None:
     from PIL import Image
 
-    picture = Image.fromarray(np.kron(image, np.ones((scale, scale, 1), np.uint8)))
-    with atomic_file(str(path)) as tmp:
-        picture.save(tmp, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(np.kron(image, np.ones((scale, scale, 1), np.uint8))).save(buffer, format="PNG")
+    write_file(path, buffer.getvalue())
