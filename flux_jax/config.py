@@ -105,4 +105,19 @@ PRESETS: dict[str, FluxConfig] = {
         param_dtype="float32",
         dtype="float32",
     ),
+    # The digits world (train/worlds/digits.py): 16x16 one-channel images packed to 64 tokens of 4,
+    # conditioned on its 64-wide CLIP and T5; trained by flow matching, no guidance embedding.
+    "digits": FluxConfig(
+        in_channels=4,
+        vec_in_dim=64,
+        context_in_dim=64,
+        hidden_size=64,
+        num_heads=2,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(8, 12, 12),
+        guidance_embed=False,
+        param_dtype="float32",
+        dtype="float32",
+    ),
 }

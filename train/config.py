@@ -1,5 +1,6 @@
 """Run configuration of `python -m train.distill`: dataclasses with presets, every field a flag.
 
+    python -m train.distill                       # the digits preset: the laptop-sized real world
     python -m train.distill smoke --steps 50 --mesh.fsdp 8
     python -m train.distill flux-dev --teacher black-forest-labs/FLUX.1-dev --prompts embeds.npz --workdir gs://b/run
 """
@@ -59,7 +60,7 @@ class DistillConfig:
     learnable_scale: bool = False
     lowrank_rank: int = 0
     student_dtype: str = "float32"
-    """dtype of the student's latent weights (optimizer state is float32)"""
+    """dtype of the student's latent weights, and of its AdamW moments (optax keeps them in the parameters' dtype)"""
     remat: bool = False
     mesh: MeshConfig = MeshConfig()
     distributed: bool = False
@@ -74,9 +75,22 @@ class DistillConfig:
     log_every: int = 10
     sample_every: int = 0
     """every this many steps, WORKDIR/samples/step-N.png: teacher and student from the same seeds (0: never)"""
+    pack: bool = True
+    """at the end, also save the packed student (2-bit codes) to WORKDIR/packed (single-process runs;
+    otherwise `python -m convert.pack_ternary WORKDIR/student OUT`)"""
+    evaluate: bool = True
+    """at the end of a run on a world's teacher, print the evaluation table (`python -m train.evaluate`)"""
+    eval_samples: int = 8
+    """samples per prompt and model in that evaluation"""
 
 
 PRESETS: dict[str, tuple[str, DistillConfig]] = {
+    "digits": (
+        "the default: the digits world's teacher (trained first if missing), distilled, packed and judged in minutes",
+        DistillConfig(teacher="digits", workdir="runs/digits", text_length=10, latent_height=16, latent_width=16,
+                      steps=500, batch_size=32, sampler_steps=8, learning_rate=1e-3, warmup_steps=25,
+                      save_every=100, log_every=10, sample_every=100),
+    ),
     "smoke": ("a tiny random teacher, seconds on a laptop",
               DistillConfig(steps=30, save_every=10, log_every=5, sample_every=15)),
     "flux-dev": (

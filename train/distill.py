@@ -1,11 +1,12 @@
 """`python -m train.distill`: data-free distillation of a ternary FLUX student from its full-precision
 teacher. The teacher is the only source of signal: states come from its own sampler trajectories
-from noise, and the loss is the MSE between student and teacher velocities at those states.
+from noise (or around latents it sampled once), and the loss is the MSE between student and teacher
+velocities at those states, optionally plus the mismatch of their hidden states after every block.
 
-    python -m train.distill                                   # the smoke preset: a tiny random teacher
+    python -m train.distill                                   # the digits world: teacher, student, table
     python -m train.distill smoke --steps 100 --mesh.fsdp 8
     python -m train.distill cache smoke && python -m train.distill smoke --objective cache
-    python -m train.distill flux-dev --teacher black-forest-labs/FLUX.1-dev --prompts embeds.npz --workdir gs://b/run
+    python -m train.distill flux-dev --prompts prompts.txt --workdir gs://b/run
 
 One flat loop: mesh -> teacher, student, optimizer -> resume -> jit step -> log -> checkpoint. A run
 resumes from the latest checkpoint in its workdir, on any mesh; SIGTERM saves and exits; a non-finite
@@ -33,13 +34,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
-from convert.orbax_io import write_flux
+from convert.atomic import append_file
+from convert.orbax_io import META_FILE, is_flux_checkpoint, write_flux
 from convert.pipeline_io import load_prompt_encoder
 from flux_jax.config import PRESETS as MODEL_PRESETS
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import shard
-from flux_jax.ternary import QuantPolicy, quantize_model
+from flux_jax.ternary import QuantPolicy, pack_model, quantize_model
 from train import checkpointing
 from train.cache import build_cache, cached_state, load_cache
 from train.samples import sample_grid, save_png
@@ -47,6 +49,7 @@ from train.tensorboard import ScalarWriter
 from train.config import PRESETS, DistillConfig
 from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, read_prompts, trajectory_state
 from train.losses import distill_loss
+from train.teacher import WORLDS, TeacherConfig, train_teacher
 from train.mesh import MeshError, make_mesh
 
 PROG = "python -m train.distill"
@@ -61,7 +64,16 @@ class ConfigError(ValueError):
 
 
 def load_teacher(spec: str, mesh, seed: int) -> Flux:
-    """A FluxConfig preset name gives a random teacher (smoke runs); anything else goes to load_flux."""
+    """A world's name gives its trained teacher (trained first when its cache has none); a FluxConfig
+    preset name a random teacher (smoke runs); anything else goes to load_flux."""
+    if spec in WORLDS:
+        path = WORLDS[spec].teacher_path()
+        if not is_flux_checkpoint(path):
+            if jax.process_count() > 1:
+                raise CheckpointError(f"{path}: no {spec} teacher; train it once first: python -m train.teacher --world {spec}")
+            print(f"no {spec} teacher in {path}: training one first (python -m train.teacher --world {spec})")
+            train_teacher(TeacherConfig(world=spec), progress=jax.process_index() == 0)
+        return load_flux(path, mesh=mesh)
     if spec in MODEL_PRESETS:
         with jax.set_mesh(mesh):
             return Flux(FluxConfig.preset(spec), rngs=nnx.Rngs(seed))
@@ -76,7 +88,7 @@ def learning_rate(config: DistillConfig) -> optax.Schedule:
 
 
 def optimizer_for(config: DistillConfig) -> optax.GradientTransformation:
-    """AdamW (float32 moments) with warmup + cosine decay and global-norm clipping; optional accumulation."""
+    """AdamW (moments in the student's dtype) with warmup + cosine decay and global-norm clipping; optional accumulation."""
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
                      optax.adamw(learning_rate(config), weight_decay=config.weight_decay))
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
@@ -124,16 +136,22 @@ def _setup(config: DistillConfig):
 def load_prompts(config: DistillConfig, flux: FluxConfig, mesh) -> PromptEmbeddings:
     """The run's prompts as embeddings: precomputed (.npz), text encoded now with the text encoders of
     `text_encoders` (default: the teacher's folder), or random stand-ins when no prompts are given."""
-    if config.prompts is None:
-        return PromptEmbeddings.random(config.num_random_prompts, config.text_length, flux, config.seed)
-    if config.prompts.endswith(".npz"):
-        return PromptEmbeddings.load(config.prompts, flux)
-    texts = read_prompts(config.prompts)
     source = config.text_encoders or config.teacher
-    try:
-        encoder = load_prompt_encoder(source, max_sequence_length=config.text_length, dtype=flux.dtype, mesh=mesh)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}; text prompts are encoded with --text-encoders (default: the teacher's folder)") from None
+    if config.prompts is None and source in WORLDS:
+        texts = [p.text for p in WORLDS[source].prompts("train")]
+    elif config.prompts is None:
+        return PromptEmbeddings.random(config.num_random_prompts, config.text_length, flux, config.seed)
+    elif config.prompts.endswith(".npz"):
+        return PromptEmbeddings.load(config.prompts, flux)
+    else:
+        texts = read_prompts(config.prompts)
+    if source in WORLDS:
+        encoder = WORLDS[source].prompt_encoder()
+    else:
+        try:
+            encoder = load_prompt_encoder(source, max_sequence_length=config.text_length, dtype=flux.dtype, mesh=mesh)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; text prompts are encoded with --text-encoders (default: the teacher's folder)") from None
     with jax.set_mesh(mesh):
         return PromptEmbeddings.encode(encoder, texts, flux, batch_size=config.batch_size, source=source)
 
@@ -186,7 +204,7 @@ def train(config: DistillConfig) -> dict:
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     is_main = jax.process_index() == 0
-    metrics_path = epath.Path(config.workdir) / "metrics.jsonl"
+    metrics_log = append_file(epath.Path(config.workdir) / "metrics.jsonl") if is_main else None
     board = ScalarWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
     lr = learning_rate(config)
     losses: dict[int, float] = {}
@@ -208,11 +226,11 @@ def train(config: DistillConfig) -> dict:
             losses[step + 1] = loss
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
             if is_main and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
-                metrics = {"loss": loss, **{name: float(value) for name, value in extras.items()}, "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
+                metrics = {"loss": loss, **{name: float(value) for name, value in extras.items()},
+                           "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
                            "samples_per_s": config.batch_size / seconds}
-                metrics_path.parent.mkdir(parents=True, exist_ok=True)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+                metrics_log.write((json.dumps({"step": step + 1, **metrics}) + "\n").encode())
+                metrics_log.flush()
                 board.scalars(step + 1, metrics)
             if config.sample_every and (step + 1) % config.sample_every == 0:
                 with jax.set_mesh(mesh):
@@ -233,9 +251,12 @@ def train(config: DistillConfig) -> dict:
         mngr.close()
         if board is not None:
             board.close()
+            metrics_log.close()
         signal.signal(signal.SIGTERM, previous)
     if stop["signal"] is None:
         export_student(student, config.workdir)
+        if config.pack and jax.process_count() == 1:
+            save_flux(pack_model(student), epath.Path(config.workdir) / "packed", overwrite=True)
     return {"losses": losses, "last_step": max(losses, default=start), "preempted": stop["signal"] is not None,
             "student": student}
 
@@ -248,6 +269,7 @@ def export_student(student: Flux, workdir: str) -> epath.Path:
         save_flux(student, out, overwrite=True)
     else:  # every process writes its shards; the description is the same bytes from each
         if jax.process_index() == 0 and out.exists():
+            (out / META_FILE).unlink(missing_ok=True)  # the description goes first: never over half a checkpoint
             out.rmtree()
         multihost_utils.sync_global_devices("student export folder ready")
         out.mkdir(parents=True, exist_ok=True)
@@ -261,7 +283,7 @@ def parse(argv: list[str] | None = None) -> DistillConfig:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv = ["smoke", *argv]
+        argv = ["digits", *argv]
     return tyro.extras.overridable_config_cli(PRESETS, prog=PROG, args=argv)
 
 
@@ -291,8 +313,15 @@ def main(argv: list[str] | None = None) -> None:
     workdir = epath.Path(config.workdir)
     if result["preempted"]:
         print(f"preempted, saved at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}")
-    else:
-        print(f"done at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}, student in {workdir / 'student'}")
+        return
+    packed = workdir / "packed" if config.pack and jax.process_count() == 1 else None
+    print(f"done at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}, student in {workdir / 'student'}"
+          + (f", packed in {packed}" if packed else ""))
+    if config.evaluate and config.teacher in WORLDS and jax.process_index() == 0:
+        from train.evaluate import EvaluateConfig, run
+
+        print(run(EvaluateConfig(student=str(workdir / "student"), packed=str(packed) if packed else None,
+                                 samples=config.eval_samples))[0])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,175 @@
+"""The digits world, its teacher, the evaluation and the default main job, in shortened runs: the
+pieces work and their outputs are sane. The quality goals themselves are measured by the full run
+(`python -m train.distill`, recorded in docs/benchmarks.md), not asserted here."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import linalg
+
+from convert import load_flux
+from flux_jax import FluxConfig
+from train import evaluate
+from train.teacher import TeacherConfig, train_teacher
+from train.worlds import digits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prompts_cover_every_digit_with_held_out_phrasings():
+    train, held_out = digits.prompts("train"), digits.prompts("held_out")
+    assert len(train) == 10 * len(digits.TRAIN_PHRASINGS) and len(held_out) == 10 * len(digits.HELD_OUT_PHRASINGS)
+    assert {p.digit for p in held_out} == set(range(10)) and all(p.held_out for p in held_out)
+    assert not {p.text for p in train} & {p.text for p in held_out}
+    assert "a handwritten seven" in {p.text for p in train}
+    encoder = digits.prompt_encoder()
+    for tokenizer in (encoder.clip_tokenizer, encoder.t5_tokenizer):
+        ids = tokenizer([p.text for p in digits.prompts("all")])["input_ids"]
+        assert tokenizer.unk_token_id not in {i for row in ids for i in row}  # every word is in the vocabulary
+
+
+def test_images_are_the_sklearn_digits_at_16x16():
+    from sklearn.datasets import load_digits
+
+    x, labels = digits.images()
+    assert x.shape == (1797, 16, 16) and x.min() == -1.0 and x.max() == 1.0
+    original = load_digits().images / 16.0 * 2 - 1
+    # each source pixel's centre lies between output pixels 2i and 2i+1: their mean in both directions
+    # is the source pixel wherever no clamping happens
+    inner = x[:, 1:15, 1:15].reshape(1797, 7, 2, 7, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(inner, 0.25 * (original[:, :-1, :-1] + original[:, 1:, :-1] + original[:, :-1, 1:] + original[:, 1:, 1:]),
+                               atol=1e-5)
+    np.testing.assert_array_equal(labels, load_digits().target)
+    train, test = digits.images("train")[1], digits.images("test")[1]
+    assert len(train) + len(test) == 1797 and abs(len(test) - 360) <= 1
+    np.testing.assert_array_equal(digits.to_images(digits.to_latents(x[:5])), x[:5])
+
+
+def test_encoders_are_fixed_by_their_seed():
+    y, txt = digits.prompt_encoder()(["a handwritten seven", "the digit 7"])
+    digits.prompt_encoder.cache_clear()
+    y2, txt2 = digits.prompt_encoder()(["a handwritten seven", "the digit 7"])
+    np.testing.assert_array_equal(txt, txt2)
+    np.testing.assert_array_equal(y, y2)
+    assert txt.shape == (2, digits.TEXT_LENGTH, FluxConfig.preset("digits").context_in_dim)
+    assert y.shape == (2, FluxConfig.preset("digits").vec_in_dim)
+    assert not np.allclose(txt[0], txt[1])
+
+
+def test_frechet_distance_matches_the_gaussian_formula():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 3))
+    b = rng.standard_normal((20000, 3)) * np.array([1.0, 2.0, 0.5]) + np.array([1.0, 0.0, 0.0])
+    # closed form for N(0, I) vs N(mu, diag(s^2)): |mu|^2 + sum (1 + s^2 - 2 s)
+    expected = 1.0 + sum(1 + s * s - 2 * s for s in (1.0, 2.0, 0.5))
+    assert abs(evaluate.frechet_distance(a, b) - expected) < 0.05
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+    # correlated features, against scipy's matrix square root
+    c = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)) + 1.0
+    d = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6))
+    cov_c, cov_d = np.cov(c, rowvar=False), np.cov(d, rowvar=False)
+    scipy_formula = np.sum((d.mean(0) - c.mean(0)) ** 2) + np.trace(cov_d + cov_c - 2 * linalg.sqrtm(cov_d @ cov_c).real)
+    assert evaluate.frechet_distance(d, c) == pytest.approx(scipy_formula, rel=1e-9)
+
+
+def test_psnr_by_hand():
+    a = np.zeros((1, 16, 16))
+    assert np.isclose(evaluate.psnr(a, a + 0.2)[0], 20 * np.log10(2 / 0.2))
+
+
+def test_classifier_reads_real_digits():
+    classifier = evaluate.DigitClassifier()
+    assert classifier.test_accuracy >= 93.0
+    x, labels = digits.images("test")
+    assert np.mean(classifier.predict(x) == labels) * 100 == pytest.approx(classifier.test_accuracy)
+    assert classifier.features(x).shape == (len(x), 128)
+
+
+@pytest.fixture(scope="module")
+def short_world(tmp_path_factory):
+    """A shortened teacher in a private cache, and a shortened default run distilled from it."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "FLUX_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    teacher = subprocess.run([sys.executable, "-m", "train.teacher", "--world", "digits", "--steps", "40"], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    run = cache / "run"
+    distill = subprocess.run([sys.executable, "-m", "train.distill", "--steps", "6", "--save-every", "3", "--sample-every", "3", "--eval-samples", "2",
+                              "--workdir", str(run)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert distill.returncode == 0, distill.stderr[-3000:]
+    return cache, run, teacher.stdout, distill.stdout
+
+
+def test_teacher_training_lowers_the_loss_and_saves_a_checkpoint(tmp_path):
+    out, losses = train_teacher(TeacherConfig(steps=30, batch_size=32, out=str(tmp_path / "teacher")), progress=False)
+    assert losses[-1] < 0.7 * losses[0], losses
+    model = load_flux(out)
+    assert model.config == FluxConfig.preset("digits")
+
+
+def test_default_main_job_distills_packs_and_prints_the_table(short_world):
+    cache, run, teacher_out, out = short_world
+    assert f"saved to {cache / 'digits' / 'teacher'}" in teacher_out
+    assert "done at step 6" in out and f"packed in {run / 'packed'}" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    rows = {line.split()[0]: line.split() for line in lines[header + 2: header + 6]}
+    assert list(rows) == ["teacher", "ptq", "student", "packed"]
+    for name, row in rows.items():
+        assert 0.0 <= float(row[1].rstrip("%")) <= 100.0 and float(row[3]) >= 0.0
+    assert int(rows["packed"][6].replace(",", "")) < int(rows["student"][6].replace(",", "")) / 4
+    assert "digit classifier:" in out and "goals:" in out and "packed equals unpacked" in out
+    assert (run / "digits-grid.png").is_file() and (run / "samples" / "step-0000006.png").is_file()
+    assert load_flux(run / "packed").config == FluxConfig.preset("digits")
+
+
+def test_evaluate_cli_and_quickstart_notebook(short_world, tmp_path):
+    cache, run, _, _ = short_world
+    env = {**os.environ, "FLUX_JAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run([sys.executable, "-m", "train.evaluate", "--student", str(run / "student"), "--samples", "2",
+                             "--grid", str(tmp_path / "grid.png")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packed equals unpacked: max |packed - student|" in result.stdout
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape[:2] == (4 * 16 * 4, 10 * 16 * 4)
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed clean
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client.execute(env={**env, "DIGITS_RUN": str(run)})
+    text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert "teacher" in text and "packed" in text and "bytes" in text
+
+
+def test_the_default_job_trains_the_teacher_when_the_cache_has_none(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import jax
+
+    from train import distill
+    from train.config import MeshConfig
+    from train.mesh import make_mesh
+
+    monkeypatch.setenv("FLUX_JAX_CACHE", str(tmp_path))
+    calls = []
+
+    def shortened(config, progress):
+        calls.append(config)
+        return train_teacher(dataclasses.replace(config, steps=4), progress=False)
+
+    monkeypatch.setattr(distill, "train_teacher", shortened)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    teacher = distill.load_teacher("digits", mesh, seed=0)
+    assert [c.world for c in calls] == ["digits"] and teacher.config == FluxConfig.preset("digits")
+    assert "no digits teacher" in capsys.readouterr().out
+    distill.load_teacher("digits", mesh, seed=0)  # found in the cache now: not trained again
+    assert len(calls) == 1
