@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: safetensors' numpy reads need it)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flux_jax.layers import Dtype, LinearFactory, Modulation, QKNorm, SelfAttention, attention, gelu_tanh, layer_norm, modulate, split_heads
+from flux_jax.layers import Dtype, LinearFactory, Modulation, QKNorm, SelfAttention, attention, gelu_tanh, modulate, split_heads
 from flux_jax.sharding import constrain
 
 

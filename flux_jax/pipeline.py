@@ -39,12 +39,20 @@ class PipelineSettings:
 class FluxPipeline:
     def __init__(self, transformer: Flux, vae: AutoencoderKL, clip: CLIPTextEncoder, t5: T5Encoder,
                  clip_tokenizer, t5_tokenizer, settings: PipelineSettings = PipelineSettings()):
-        self.transformer, self.vae, self.clip, self.t5 = transformer, vae, clip, t5
+        self.transformer, self.vae = transformer, vae
         self.text = PromptEncoder(clip, t5, clip_tokenizer, t5_tokenizer, settings.max_sequence_length)
         self.settings = settings
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
         self._on_step: Callable[[int], None] = lambda step: None
+
+    @property
+    def clip(self) -> CLIPTextEncoder:
+        return self.text.clip
+
+    @property
+    def t5(self) -> T5Encoder:
+        return self.text.t5
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> FluxPipeline:

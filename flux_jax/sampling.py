@@ -103,3 +103,7 @@ def denoise(
         return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1 if steps is None else steps, step, img)
+
+
+sample = nnx.jit(denoise)
+"""`denoise` compiled (models as arguments): one cache of compiled samplers for every caller."""

@@ -109,6 +109,23 @@ def test_teacher_training_lowers_the_loss_and_saves_a_checkpoint(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
     model = load_flux(out)
     assert model.config == FluxConfig.preset("digits")
+    # the saved weights (the bias-corrected average) fit the flow better than the initial ones
+    import jax
+    from flax import nnx
+
+    from flux_jax import Flux
+    from train.data import position_ids
+    from train.teacher import flow_matching_loss
+
+    images, labels = digits.images("test")
+    y, txt = digits.prompt_encoder()([digits.TRAIN_PHRASINGS[0].format(word=digits.NUMBER_WORDS[d], digit=d) for d in labels[:32]])
+    x0 = digits.to_latents(images[:32])
+    noise = jax.random.normal(jax.random.key(1), x0.shape)
+    t = jax.nn.sigmoid(jax.random.normal(jax.random.key(2), (32,)) + 1.4)
+    img_ids, txt_ids = position_ids(32, digits.SIZE, digits.SIZE, digits.TEXT_LENGTH)
+    fresh = Flux(FluxConfig.preset("digits"), rngs=nnx.Rngs(0))
+    trained, initial = (float(flow_matching_loss(m, x0, noise, t, img_ids, txt, txt_ids, y)) for m in (model, fresh))
+    assert trained < 0.5 * initial, (trained, initial)
 
 
 def test_default_main_job_distills_packs_and_prints_the_table(short_world):
@@ -122,7 +139,7 @@ def test_default_main_job_distills_packs_and_prints_the_table(short_world):
     for name, row in rows.items():
         assert 0.0 <= float(row[1].rstrip("%")) <= 100.0 and float(row[3]) >= 0.0
     assert int(rows["packed"][6].replace(",", "")) < int(rows["student"][6].replace(",", "")) / 4
-    assert "digit classifier:" in out and "goals:" in out and "packed equals unpacked" in out
+    assert "digit classifier:" in out and "goals:" in out and "[x] packed equals unpacked" in out
     assert (run / "digits-grid.png").is_file() and (run / "samples" / "step-0000006.png").is_file()
     assert load_flux(run / "packed").config == FluxConfig.preset("digits")
 
@@ -133,7 +150,7 @@ def test_evaluate_cli_and_quickstart_notebook(short_world, tmp_path):
     result = subprocess.run([sys.executable, "-m", "train.evaluate", "--student", str(run / "student"), "--samples", "2",
                              "--grid", str(tmp_path / "grid.png")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "packed equals unpacked: max |packed - student|" in result.stdout
+    assert "[x] packed equals unpacked: max |packed - student|" in result.stdout
     from PIL import Image
 
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
@@ -148,6 +165,20 @@ def test_evaluate_cli_and_quickstart_notebook(short_world, tmp_path):
     client.execute(env={**env, "DIGITS_RUN": str(run)})
     text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "teacher" in text and "packed" in text and "bytes" in text
+
+
+def test_bad_teacher_configs_fail_before_training(tmp_path):
+    from convert import CheckpointError
+    from train.teacher import TeacherConfigError
+
+    with pytest.raises(TeacherConfigError, match="steps and batch_size must be at least 1"):
+        train_teacher(TeacherConfig(steps=0, out=str(tmp_path / "t")))
+    with pytest.raises(TeacherConfigError, match="unknown world 'letters'"):
+        train_teacher(TeacherConfig(world="letters", out=str(tmp_path / "t")))
+    (tmp_path / "t").mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        train_teacher(TeacherConfig(overwrite=False, out=str(tmp_path / "t")))
+    assert not any((tmp_path / "t").iterdir())
 
 
 def test_the_default_job_trains_the_teacher_when_the_cache_has_none(tmp_path, monkeypatch, capsys):

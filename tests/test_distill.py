@@ -92,12 +92,15 @@ def crash_after(monkeypatch, crash_step):
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     straight = run(tmp_path, "straight")["losses"]
     with monkeypatch.context() as patch:
-        crash_after(patch, 4)
+        crash_after(patch, 5)  # step 5 is logged but not saved: the resumed run does it again
         with pytest.raises(Crash):
             run(tmp_path, "resumed")
     resumed = run(tmp_path, "resumed")["losses"]
     assert sorted(resumed) == [5, 6]
     np.testing.assert_allclose([resumed[5], resumed[6]], [straight[5], straight[6]], rtol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each step once
+    np.testing.assert_allclose(rows[4]["loss"], straight[5], rtol=1e-6)
 
 
 def test_resume_onto_a_smaller_mesh(tmp_path, monkeypatch):
@@ -225,19 +228,22 @@ def pipeline_folder(tmp_path_factory):
 
 
 def test_text_prompts_are_encoded_with_the_teachers_own_encoders(tmp_path, pipeline_folder):
-    from flux_jax import FluxPipeline
-
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red fox in the snow"}\n\n"a blue cat"\n{"prompt": "the digit seven"}\n')
     config = dataclasses.replace(BASE, teacher=str(pipeline_folder), prompts=str(tmp_path / "prompts.jsonl"), text_length=12,
                                  batch_size=2, workdir=str(tmp_path / "run"), steps=2)
     teacher = load_flux(pipeline_folder / "transformer")
-    prompts = distill.load_prompts(config, teacher.config, make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2]))
-    pipe = FluxPipeline.from_pretrained(pipeline_folder)
-    pipe.text.max_sequence_length = 12
-    y, txt = pipe.encode_prompts(["a red fox in the snow", "a blue cat", "the digit seven"])
+    prompts = distill.load_prompts(config, distill.prompt_texts(config), teacher.config, make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2]))
+    import torch
+    from diffusers import FluxPipeline as TorchFluxPipeline
+
+    reference = TorchFluxPipeline.from_pretrained(pipeline_folder)
+    with torch.no_grad():
+        txt, y, _ = reference.encode_prompt(["a red fox in the snow", "a blue cat", "the digit seven"], None,
+                                            max_sequence_length=12)
+    txt, y = txt.numpy(), y.numpy()
     assert prompts.txt.shape == (3, 12, teacher.config.context_in_dim)
-    np.testing.assert_allclose(prompts.txt, txt, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(prompts.y, y, rtol=1e-5, atol=1e-6)
+    for ours, reference in ((prompts.txt, txt), (prompts.y, y)):  # the project's bar against PyTorch
+        assert np.abs(ours - reference).max() <= 1e-4 * np.abs(reference).max()
     assert distill.train(config)["last_step"] == 2
 
 
@@ -266,3 +272,17 @@ def test_feature_matching_is_logged_and_trains(tmp_path):
         assert row["feature_loss"] > 0
         np.testing.assert_allclose(row["loss"], row["velocity_loss"] + 0.5 * row["feature_loss"], rtol=1e-5)
     assert result["last_step"] == 4
+
+
+def test_the_step_does_not_copy_the_teacher():
+    """Only the loss and metrics leave the step unaliased: the teacher comes in as plain weights that are
+    read, not returned (as a module argument it came back out, a full copy of it every step)."""
+    teacher = Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    student = quantize_model(teacher)
+    optimizer = nnx.Optimizer(student, distill.optimizer_for(BASE), wrt=nnx.Param)
+    graph, weights = distill.frozen(teacher)
+    step = distill.make_train_step(BASE, text_length=4, teacher_graph=graph)
+    prompts = PromptEmbeddings.random(8, 4, teacher.config, seed=0)
+    stats = step.lower(student, optimizer, weights, prompts.txt, prompts.y, None, jax.random.key(0)).compile().memory_analysis()
+    teacher_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(weights))
+    assert stats.output_size_in_bytes - stats.alias_size_in_bytes < 0.01 * teacher_bytes

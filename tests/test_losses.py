@@ -60,3 +60,17 @@ def test_no_gradient_reaches_the_teacher():
     inputs = _inputs(teacher.config)
     grads = nnx.grad(lambda t_, s: distill_loss(s, t_, *inputs, feature_weight=1.0)[0])(teacher, student)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_feature_matching_reaches_the_student():
+    """With equal outputs the velocity term gives no gradient; the feature term still does."""
+    teacher = Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    student = quantize_model(teacher)
+    inputs = _inputs(teacher.config)
+
+    def gradient_norm(weight):
+        grads = nnx.grad(lambda s: distill_loss(s, teacher, *inputs, feature_weight=weight)[1]["feature_loss"])(student)
+        return float(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+
+    assert gradient_norm(1.0) > 0.0
+    assert gradient_norm(0.0) == 0.0  # the logged zero carries no gradient either

@@ -34,7 +34,7 @@ from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.ternary import QuantPolicy, build
 from train.config import DistillConfig, MeshConfig
-from train.distill import make_train_step, optimizer_for
+from train.distill import frozen, make_train_step, optimizer_for
 from train.mesh import make_mesh
 
 MID = FluxConfig(hidden_size=1024, num_heads=8, depth=4, depth_single_blocks=8)
@@ -60,7 +60,9 @@ def step_analysis(flux: FluxConfig, config: DistillConfig, mesh):
         batch = config.batch_size
         args = (jax.ShapeDtypeStruct((batch, text, flux.context_in_dim), jnp.float32),
                 jax.ShapeDtypeStruct((batch, flux.vec_in_dim), jnp.float32), None, jax.random.key(0))
-        stats = make_train_step(config, text_length=text).lower(student, optimizer, teacher, *args).compile().memory_analysis()
+        graph, weights = frozen(teacher)
+        step = make_train_step(config, text_length=text, teacher_graph=graph)
+        stats = step.lower(student, optimizer, weights, *args).compile().memory_analysis()
     return stats, time.perf_counter() - began
 
 
@@ -83,14 +85,15 @@ def step_seconds(flux: FluxConfig, config: DistillConfig, repeats: int) -> float
         teacher = Flux(flux, rngs=nnx.Rngs(0))
         student = quantize_model(teacher, config=flux.replace(param_dtype=config.student_dtype, remat=config.remat))
         optimizer = nnx.Optimizer(student, optimizer_for(config), wrt=nnx.Param)
-        step = make_train_step(config, text_length=256)
+        graph, weights = frozen(teacher)
+        step = make_train_step(config, text_length=256, teacher_graph=graph)
         txt = jnp.zeros((config.batch_size, 256, flux.context_in_dim))
         y = jnp.zeros((config.batch_size, flux.vec_in_dim))
-        jax.block_until_ready(step(student, optimizer, teacher, txt, y, None, jax.random.key(0)))
+        jax.block_until_ready(step(student, optimizer, weights, txt, y, None, jax.random.key(0)))
         times = []
         for i in range(repeats):
             began = time.perf_counter()
-            jax.block_until_ready(step(student, optimizer, teacher, txt, y, None, jax.random.key(i + 1)))
+            jax.block_until_ready(step(student, optimizer, weights, txt, y, None, jax.random.key(i + 1)))
             times.append(time.perf_counter() - began)
     return statistics.median(times)
 

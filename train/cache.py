@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from convert.atomic import write_file
-from flux_jax.sampling import denoise, schedule, shift_sigmas
+from flux_jax.sampling import sample, schedule, shift_sigmas
 from train.config import DistillConfig
 from train.data import DataError, PromptEmbeddings, position_ids
 
@@ -40,7 +39,6 @@ def build_cache(config: DistillConfig, teacher, prompts: PromptEmbeddings, batch
     n = len(prompts.txt)
     tokens = (config.latent_height // 2) * (config.latent_width // 2)
     sigmas = jnp.asarray(schedule(config.sampler_steps, tokens, shift=teacher.config.guidance_embed))
-    sample = nnx.jit(denoise)
     chunk = math.lcm(CHUNK, config.batch_size)
     for index in range(math.ceil(n / chunk)):
         if _chunk_path(config, index).exists():

@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convert.atomic import location
 from flux_jax.config import FluxConfig
 from flux_jax.sampling import denoise, image_ids, schedule, text_ids
 
@@ -29,10 +29,10 @@ class PromptEmbeddings:
     @classmethod
     def load(cls, path: str, config: FluxConfig) -> PromptEmbeddings:
         """From an .npz with arrays `txt` and `y` (one row per prompt)."""
-        if not Path(path).is_file():
+        if not location(path).is_file():
             raise DataError(f"{path}: no such prompt embeddings file")
         try:
-            with np.load(path) as data:
+            with location(path).open("rb") as f, np.load(f) as data:
                 txt, y = np.asarray(data["txt"], np.float32), np.asarray(data["y"], np.float32)
         except (OSError, ValueError, KeyError) as err:
             raise DataError(f"{path}: not an .npz with arrays 'txt' and 'y' ({err})") from None
@@ -75,7 +75,7 @@ class PromptEmbeddings:
 def read_prompts(path: str) -> list[str]:
     """Text prompts: one per line of a .txt file, or one JSON object with a "prompt" field (or a JSON
     string) per line of a .jsonl file. Blank lines are skipped."""
-    file = Path(path)
+    file = location(path)
     if not file.is_file():
         raise DataError(f"{path}: no such prompt file")
     prompts = []

@@ -15,7 +15,6 @@ loss stops the run and leaves the last good checkpoint as it was.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -30,11 +29,11 @@ import optax
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
-from convert.atomic import append_file
+from convert.atomic import append_file, write_file
 from convert.orbax_io import META_FILE, is_flux_checkpoint, write_flux
 from convert.pipeline_io import load_prompt_encoder
 from flux_jax.config import PRESETS as MODEL_PRESETS
@@ -42,14 +41,15 @@ from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import shard
 from flux_jax.ternary import QuantPolicy, pack_model, quantize_model
-from train import checkpointing
+from train import checkpointing, optim
 from train.cache import build_cache, cached_state, load_cache
 from train.samples import sample_grid, save_png
 from train.tensorboard import ScalarWriter
 from train.config import PRESETS, DistillConfig
 from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, read_prompts, trajectory_state
 from train.losses import distill_loss
-from train.teacher import WORLDS, TeacherConfig, train_teacher
+from train.teacher import TeacherConfig, train_teacher
+from train.worlds import WORLDS
 from train.mesh import MeshError, make_mesh
 
 PROG = "python -m train.distill"
@@ -63,14 +63,18 @@ class ConfigError(ValueError):
     pass
 
 
-def load_teacher(spec: str, mesh, seed: int) -> Flux:
+def load_teacher(spec: str, mesh: Mesh, seed: int) -> Flux:
     """A world's name gives its trained teacher (trained first when its cache has none); a FluxConfig
     preset name a random teacher (smoke runs); anything else goes to load_flux."""
     if spec in WORLDS:
         path = WORLDS[spec].teacher_path()
-        if not is_flux_checkpoint(path):
-            if jax.process_count() > 1:
-                raise CheckpointError(f"{path}: no {spec} teacher; train it once first: python -m train.teacher --world {spec}")
+        found = is_flux_checkpoint(path)
+        if jax.process_count() > 1:  # every host decides alike, or some would wait for the others forever
+            found = bool(multihost_utils.process_allgather(np.array(found)).all())
+            if not found:
+                raise CheckpointError(f"{path}: no {spec} teacher on every host; train it once first "
+                                      f"(python -m train.teacher --world {spec}) where every host sees it")
+        if not found:
             print(f"no {spec} teacher in {path}: training one first (python -m train.teacher --world {spec})")
             train_teacher(TeacherConfig(world=spec), progress=jax.process_index() == 0)
         return load_flux(path, mesh=mesh)
@@ -81,16 +85,15 @@ def load_teacher(spec: str, mesh, seed: int) -> Flux:
 
 
 def learning_rate(config: DistillConfig) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to 0 at the last step; counted in optimizer updates
-    (one per `grad_accum` steps), which is how optax.MultiSteps advances it."""
-    updates, warmup = max(config.steps // config.grad_accum, 1), config.warmup_steps // config.grad_accum
-    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(updates, warmup + 1))
+    """Warmup then cosine decay, counted in optimizer updates (one per `grad_accum` steps), which is
+    how optax.MultiSteps advances it."""
+    return optim.warmup_cosine(config.learning_rate, max(config.steps // config.grad_accum, 1),
+                               config.warmup_steps // config.grad_accum)
 
 
 def optimizer_for(config: DistillConfig) -> optax.GradientTransformation:
     """AdamW (moments in the student's dtype) with warmup + cosine decay and global-norm clipping; optional accumulation."""
-    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                     optax.adamw(learning_rate(config), weight_decay=config.weight_decay))
+    tx = optim.adamw(learning_rate(config), clip_norm=config.clip_norm, weight_decay=config.weight_decay)
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
 
 
@@ -103,8 +106,18 @@ def _check(config: DistillConfig, mesh) -> None:
         raise ConfigError(f"latent_height and latent_width must be even, got {config.latent_height}x{config.latent_width}")
     if config.objective not in ("trajectory", "cache"):
         raise ConfigError(f"objective must be 'trajectory' or 'cache', got {config.objective!r}")
-    if min(config.steps, config.sampler_steps, config.grad_accum, config.save_every, config.log_every) < 1:
-        raise ConfigError("steps, sampler_steps, grad_accum, save_every and log_every must be at least 1")
+    if min(config.steps, config.sampler_steps, config.grad_accum, config.save_every, config.log_every,
+           config.eval_samples) < 1:
+        raise ConfigError("steps, sampler_steps, grad_accum, save_every, log_every and eval_samples must be at least 1")
+    if config.feature_weight < 0:
+        raise ConfigError(f"feature_weight must not be negative, got {config.feature_weight}")
+    source = config.text_encoders or config.teacher
+    text_prompts = config.prompts is not None and not config.prompts.endswith(".npz")
+    if config.text_encoders and not text_prompts and not (config.prompts is None and source in WORLDS):
+        raise ConfigError("--text-encoders encodes text prompts; give them with --prompts FILE.txt or FILE.jsonl")
+    if source in WORLDS and (config.prompts is None or text_prompts) and config.text_length != WORLDS[source].TEXT_LENGTH:
+        raise ConfigError(f"the {source} world's encoders take {WORLDS[source].TEXT_LENGTH} tokens; "
+                          f"text_length is {config.text_length}")
 
 
 def start_processes(config: DistillConfig) -> None:
@@ -129,22 +142,28 @@ def _setup(config: DistillConfig):
     start_processes(config)
     mesh = make_mesh(config.mesh)
     _check(config, mesh)
+    texts = prompt_texts(config)  # a bad prompt file is named before the teacher is loaded or trained
     teacher = load_teacher(config.teacher, mesh, config.seed)
-    return mesh, teacher, load_prompts(config, teacher.config, mesh)
+    return mesh, teacher, load_prompts(config, texts, teacher.config, mesh)
 
 
-def load_prompts(config: DistillConfig, flux: FluxConfig, mesh) -> PromptEmbeddings:
-    """The run's prompts as embeddings: precomputed (.npz), text encoded now with the text encoders of
-    `text_encoders` (default: the teacher's folder), or random stand-ins when no prompts are given."""
+def prompt_texts(config: DistillConfig) -> list[str] | None:
+    """The run's prompts in words: from --prompts (.txt/.jsonl), or a world's training phrasings; None
+    when the prompts are embeddings (.npz) or random stand-ins."""
     source = config.text_encoders or config.teacher
-    if config.prompts is None and source in WORLDS:
-        texts = [p.text for p in WORLDS[source].prompts("train")]
-    elif config.prompts is None:
+    if config.prompts is None:
+        return [p.text for p in WORLDS[source].prompts("train")] if source in WORLDS else None
+    return None if config.prompts.endswith(".npz") else read_prompts(config.prompts)
+
+
+def load_prompts(config: DistillConfig, texts: list[str] | None, flux: FluxConfig, mesh: Mesh) -> PromptEmbeddings:
+    """The run's prompts as embeddings: `texts` encoded now with the text encoders of `text_encoders`
+    (default: the teacher's folder, or its world's), precomputed (.npz), or random stand-ins."""
+    if texts is None:
+        if config.prompts is not None:
+            return PromptEmbeddings.load(config.prompts, flux)
         return PromptEmbeddings.random(config.num_random_prompts, config.text_length, flux, config.seed)
-    elif config.prompts.endswith(".npz"):
-        return PromptEmbeddings.load(config.prompts, flux)
-    else:
-        texts = read_prompts(config.prompts)
+    source = config.text_encoders or config.teacher
     if source in WORLDS:
         encoder = WORLDS[source].prompt_encoder()
     else:
@@ -156,14 +175,24 @@ def load_prompts(config: DistillConfig, flux: FluxConfig, mesh) -> PromptEmbeddi
         return PromptEmbeddings.encode(encoder, texts, flux, batch_size=config.batch_size, source=source)
 
 
-def make_train_step(config: DistillConfig, *, text_length: int):
-    """The jit-compiled step (student and optimizer state donated): build a training state from the
-    teacher (trajectory) or around a cached latent x0, then one optimizer update on the velocity MSE."""
+def frozen(teacher: Flux) -> tuple[nnx.GraphDef, dict]:
+    """The teacher as (structure, weights as a plain dict of arrays) for `make_train_step`: a module
+    argument of an nnx.jit function comes back as an output, which would copy the whole teacher every
+    step; plain arrays that the step only reads do not."""
+    graph, state = nnx.split(teacher)
+    return graph, nnx.to_pure_dict(state)
+
+
+def make_train_step(config: DistillConfig, *, text_length: int, teacher_graph: nnx.GraphDef):
+    """The jit-compiled step `(student, optimizer, teacher_weights, txt, y, x0, key)`, student and
+    optimizer state donated (`frozen` gives the teacher's graph and weights): build a training state
+    from the teacher (trajectory) or around a cached latent x0, then one optimizer update."""
     tokens = (config.latent_height // 2) * (config.latent_width // 2)
     img_ids, txt_ids = position_ids(config.batch_size, config.latent_height, config.latent_width, text_length)
 
     @nnx.jit(donate_argnums=(0, 1))
-    def train_step(student, optimizer, teacher, txt, y, x0, key):
+    def train_step(student, optimizer, teacher_weights, txt, y, x0, key):
+        teacher = nnx.merge(teacher_graph, teacher_weights)
         k_noise, k_guidance, k_state = jax.random.split(key, 3)
         noise = jax.random.normal(k_noise, (txt.shape[0], tokens, teacher.config.in_channels), jnp.float32)
         guidance = None
@@ -199,12 +228,17 @@ def train(config: DistillConfig) -> dict:
 
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     latents = load_cache(config, len(prompts.txt)) if config.objective == "cache" else None
-    train_step = make_train_step(config, text_length=prompts.txt.shape[1])
+    teacher_graph, teacher_weights = frozen(teacher)
+    train_step = make_train_step(config, text_length=prompts.txt.shape[1], teacher_graph=teacher_graph)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     is_main = jax.process_index() == 0
-    metrics_log = append_file(epath.Path(config.workdir) / "metrics.jsonl") if is_main else None
+    metrics_path = epath.Path(config.workdir) / "metrics.jsonl"
+    if is_main and start and metrics_path.exists():  # rows past the checkpoint are logged again on resume
+        rows = metrics_path.read_text().splitlines(keepends=True)
+        write_file(metrics_path, "".join(r for r in rows if json.loads(r)["step"] <= start).encode())
+    metrics_log = append_file(metrics_path) if is_main else None
     board = ScalarWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
     lr = learning_rate(config)
     losses: dict[int, float] = {}
@@ -216,7 +250,7 @@ def train(config: DistillConfig) -> dict:
             x0 = None if latents is None else global_batch(latents[rows], batch_sharding)
             began = time.perf_counter()
             with jax.set_mesh(mesh):
-                loss, extras = train_step(student, optimizer, teacher, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
+                loss, extras = train_step(student, optimizer, teacher_weights, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
             loss = float(loss)
             seconds = time.perf_counter() - began
             if not np.isfinite(loss):
@@ -251,6 +285,7 @@ def train(config: DistillConfig) -> dict:
         mngr.close()
         if board is not None:
             board.close()
+        if metrics_log is not None:
             metrics_log.close()
         signal.signal(signal.SIGTERM, previous)
     if stop["signal"] is None:
@@ -306,10 +341,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = parse(argv)
     try:
-        result = train(config)
+        report(config, train(config))
     except (CheckpointError, DataError, MeshError, ConfigError, TrainingError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def report(config: DistillConfig, result: dict) -> None:
+    """What a finished (or preempted) run prints; a world's run also its evaluation table, in
+    single-process runs (`python -m train.evaluate` does it afterwards for the others)."""
     workdir = epath.Path(config.workdir)
     if result["preempted"]:
         print(f"preempted, saved at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}")
@@ -317,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     packed = workdir / "packed" if config.pack and jax.process_count() == 1 else None
     print(f"done at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}, student in {workdir / 'student'}"
           + (f", packed in {packed}" if packed else ""))
-    if config.evaluate and config.teacher in WORLDS and jax.process_index() == 0:
+    if config.evaluate and config.teacher in WORLDS and jax.process_count() == 1:
         from train.evaluate import EvaluateConfig, run
 
         print(run(EvaluateConfig(student=str(workdir / "student"), packed=str(packed) if packed else None,

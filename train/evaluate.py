@@ -28,7 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flux_jax.model import Flux
-from flux_jax.sampling import denoise, schedule
+from flux_jax.sampling import sample, schedule
 from flux_jax.ternary import pack_model, quantize_model, describe
 from train.data import position_ids
 from train.worlds import digits
@@ -97,7 +97,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 20.0 * np.log10(2.0) - 10.0 * np.log10(np.maximum(mse, 1e-12))
 
 
-_sample = nnx.jit(denoise)
 
 
 def generate(model: Flux, txt: np.ndarray, y: np.ndarray, *, samples: int, sampler_steps: int, seed: int,
@@ -107,8 +106,9 @@ def generate(model: Flux, txt: np.ndarray, y: np.ndarray, *, samples: int, sampl
     n = len(txt) * samples
     rows = np.repeat(np.arange(len(txt)), samples)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
-    noise = jax.vmap(lambda k: jax.random.normal(k, (64, 4)))(keys)
-    sigmas = jnp.asarray(schedule(sampler_steps, 64, shift=model.config.guidance_embed))
+    tokens = (digits.SIZE // 2) ** 2
+    noise = jax.vmap(lambda k: jax.random.normal(k, (tokens, model.config.in_channels)))(keys)
+    sigmas = jnp.asarray(schedule(sampler_steps, tokens, shift=model.config.guidance_embed))
     out = []
     for start in range(0, n, batch_size):
         part = slice(start, min(start + batch_size, n))
@@ -117,7 +117,7 @@ def generate(model: Flux, txt: np.ndarray, y: np.ndarray, *, samples: int, sampl
         index = np.concatenate([rows[part], np.repeat(rows[part][-1:], pad)])
         img_ids, txt_ids = position_ids(batch_size, digits.SIZE, digits.SIZE, txt.shape[1])
         x = jnp.concatenate([noise[part], jnp.repeat(noise[part][-1:], pad, axis=0)])
-        out.append(np.asarray(_sample(model, x, img_ids, jnp.asarray(txt[index]), txt_ids, jnp.asarray(y[index]), sigmas))[:size])
+        out.append(np.asarray(sample(model, x, img_ids, jnp.asarray(txt[index]), txt_ids, jnp.asarray(y[index]), sigmas))[:size])
     return digits.to_images(np.concatenate(out)).reshape(len(txt), samples, digits.SIZE, digits.SIZE)
 
 
@@ -206,6 +206,8 @@ def load_models(teacher_path: str, student_path: str, packed_path: str | None = 
 
 def run(config: EvaluateConfig, *, progress: bool = True) -> tuple[str, dict]:
     """Evaluates, writes the grid, returns (the printed table, the rows)."""
+    if min(config.samples, config.sampler_steps) < 1:
+        raise ValueError(f"samples and sampler_steps must be at least 1, got {config.samples} and {config.sampler_steps}")
     models = load_models(config.teacher or str(digits.teacher_path()), config.student, config.packed)
     classifier = DigitClassifier(config.seed)
     rows, images = evaluate(models, classifier, samples=config.samples, sampler_steps=config.sampler_steps,
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     config = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, prog=PROG)
     try:
         text, _ = run(config)
-    except CheckpointError as err:
+    except (CheckpointError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     print(text)

@@ -8,15 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from convert.atomic import write_file
-from flux_jax.sampling import denoise, schedule, unpack_latents
+from flux_jax.sampling import sample, schedule, unpack_latents
 from train.data import PromptEmbeddings, position_ids
 
 NUM_SAMPLES = 4
-_sample = nnx.jit(denoise)
 
 
 def _preview(latents: np.ndarray) -> np.ndarray:
@@ -39,7 +37,7 @@ def sample_grid(teacher, student, prompts: PromptEmbeddings, *, latent_height: i
     g = jnp.full((n,), guidance) if teacher.config.guidance_embed else None
     rows = []
     for model in (teacher, student):
-        x = _sample(model, noise, img_ids, jnp.asarray(prompts.txt[:n]), txt_ids, jnp.asarray(prompts.y[:n]), sigmas, g)
+        x = sample(model, noise, img_ids, jnp.asarray(prompts.txt[:n]), txt_ids, jnp.asarray(prompts.y[:n]), sigmas, g)
         x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
         rows.append(np.concatenate(list(_preview(np.asarray(unpack_latents(jnp.asarray(x, jnp.float32), latent_height, latent_width)))), axis=1))
     return np.concatenate(rows, axis=0)

@@ -14,22 +14,25 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert import save_flux
+from convert import CheckpointError, save_flux
+from convert.atomic import location
 from flux_jax.model import Flux
+from train import optim
 from train.data import position_ids
-from train.worlds import digits
+from train.worlds import WORLDS, digits
 
 PROG = "python -m train.teacher"
-WORLDS = {digits.NAME: digits}
+
+
+class TeacherConfigError(ValueError):
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,36 +51,45 @@ class TeacherConfig:
     """t = sigmoid(normal + time_shift): FLUX's shifted logit-normal; more training at high noise, where
     the sample's class is decided"""
     ema_decay: float = 0.995
-    """the saved teacher is the exponential moving average of the trained weights (0: the last weights)"""
+    """the saved teacher is the (bias-corrected) exponential moving average of the trained weights
+    (0: the last weights)"""
     seed: int = 0
     overwrite: bool = True
 
 
-def flow_matching_loss(model: Flux, x0, noise, t, img_ids, txt, txt_ids, y):
+def flow_matching_loss(model: Flux, x0: jax.Array, noise: jax.Array, t: jax.Array, img_ids: jax.Array, txt: jax.Array,
+                       txt_ids: jax.Array, y: jax.Array) -> jax.Array:
     """MSE between the model's velocity at x_t = (1 - t) x0 + t noise and the path's velocity noise - x0."""
     x_t = (1.0 - t)[:, None, None] * x0 + t[:, None, None] * noise
     velocity = model(x_t, img_ids, txt, txt_ids, t, y)
     return jnp.mean(jnp.square(velocity.astype(jnp.float32) - (noise - x0)))
 
 
-def train_teacher(config: TeacherConfig, *, progress: bool = True) -> tuple[Path, list[float]]:
-    """Trains the world's teacher and saves it; returns (checkpoint path, loss per step)."""
+def train_teacher(config: TeacherConfig, *, progress: bool = True) -> tuple[epath.Path, list[float]]:
+    """Trains the world's teacher and saves it; returns (checkpoint path, loss every 25 steps).
+    Raises TeacherConfigError for a bad config, before any training."""
+    if config.world not in WORLDS:
+        raise TeacherConfigError(f"unknown world {config.world!r}; known: {', '.join(WORLDS)}")
+    if min(config.steps, config.batch_size) < 1 or not 0.0 <= config.ema_decay < 1.0:
+        raise TeacherConfigError("steps and batch_size must be at least 1, and ema_decay in [0, 1)")
     world = WORLDS[config.world]
-    out = Path(config.out) if config.out else world.teacher_path()
+    out = location(config.out) if config.out else world.teacher_path()
+    if not config.overwrite and location(out).exists():
+        raise CheckpointError(f"{out}: already exists (leave out --no-overwrite to replace it)")
     images, labels = world.images("train")
     latents = world.to_latents(images)
     phrasings = world.prompts("train")
     pooled, features = world.prompt_encoder()([p.text for p in phrasings])
-    by_digit = np.array([[i for i, p in enumerate(phrasings) if p.digit == d] for d in range(10)])  # (10, phrasings)
 
     model = Flux(world.flux_config(), rngs=nnx.Rngs(config.seed))
-    warmup = min(config.warmup_steps, config.steps // 2)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(config.steps, warmup + 1))
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule)), wrt=nnx.Param)
+    schedule = optim.warmup_cosine(config.learning_rate, config.steps, config.warmup_steps)
+    optimizer = nnx.Optimizer(model, optim.adamw(schedule), wrt=nnx.Param)
     img_ids, txt_ids = position_ids(config.batch_size, world.SIZE, world.SIZE, features.shape[1])
 
+    # The average starts at zero and is divided by 1 - decay^steps at the end (as Adam's moments), so
+    # a short run's teacher is not mostly its random initial weights.
     ema = nnx.clone(model)
-    nnx.update(ema, jax.tree.map(jnp.copy, nnx.state(ema)))  # its own buffers: both are donated to the step
+    nnx.update(ema, jax.tree.map(jnp.zeros_like, nnx.state(ema, nnx.Param)))
 
     @nnx.jit(donate_argnums=(0, 1, 2))
     def step(model, optimizer, ema, x0, prompt_rows, key):
@@ -96,11 +108,13 @@ def train_teacher(config: TeacherConfig, *, progress: bool = True) -> tuple[Path
     bar = tqdm(range(config.steps), desc=f"{config.world} teacher", disable=not progress)
     for i in bar:
         rows = rng.integers(0, len(latents), config.batch_size)
-        prompt_rows = by_digit[labels[rows], rng.integers(0, by_digit.shape[1], config.batch_size)]
+        prompt_rows = world.paired_prompts(phrasings, labels[rows], rng)
         loss = step(model, optimizer, ema, latents[rows], prompt_rows, jax.random.key(config.seed * 1_000_003 + i))
         if i % 25 == 0 or i == config.steps - 1:
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    correction = 1.0 - config.ema_decay ** config.steps
+    nnx.update(ema, jax.tree.map(lambda e: e / correction, nnx.state(ema, nnx.Param)))
     save_flux(ema, out, overwrite=config.overwrite)
     return out, losses
 
@@ -109,11 +123,12 @@ def main(argv: list[str] | None = None) -> None:
     import tyro
 
     config = tyro.cli(TeacherConfig, args=sys.argv[1:] if argv is None else argv, prog=PROG)
-    if config.world not in WORLDS:
-        print(f"{PROG}: error: unknown world {config.world!r}; known: {', '.join(WORLDS)}", file=sys.stderr)
-        raise SystemExit(1)
     began = time.perf_counter()
-    out, losses = train_teacher(config)
+    try:
+        out, losses = train_teacher(config)
+    except (TeacherConfigError, CheckpointError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"{config.world} teacher trained in {time.perf_counter() - began:.0f} s (loss {losses[0]:.3f} -> {losses[-1]:.3f}); saved to {out}")
 
 

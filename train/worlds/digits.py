@@ -59,6 +59,12 @@ def prompts(split: str = "train") -> list[Prompt]:
             for d in range(10) for p in phrasings]
 
 
+def paired_prompts(phrasings: list[Prompt], labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For images of `labels`, the index in `phrasings` of a random phrasing of each one's digit."""
+    by_digit = np.array([[i for i, p in enumerate(phrasings) if p.digit == d] for d in range(10)])
+    return by_digit[labels, rng.integers(0, by_digit.shape[1], len(labels))]
+
+
 def _vocabulary() -> list[str]:
     from tokenizers.pre_tokenizers import Whitespace
 
