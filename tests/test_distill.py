@@ -286,3 +286,28 @@ def test_the_step_does_not_copy_the_teacher():
     stats = step.lower(student, optimizer, weights, prompts.txt, prompts.y, None, jax.random.key(0)).compile().memory_analysis()
     teacher_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(weights))
     assert stats.output_size_in_bytes - stats.alias_size_in_bytes < 0.01 * teacher_bytes
+
+
+def test_config_file_sits_between_the_preset_and_the_flags(tmp_path):
+    (tmp_path / "run.toml").write_text('steps = 7\nlearning_rate = 1\nprompts = "p.txt"\n[mesh]\nfsdp = 2\n')
+    config = distill.parse(["smoke", "--config", str(tmp_path / "run.toml"), "--steps", "9"])
+    assert (config.steps, config.learning_rate, config.prompts, config.mesh.fsdp) == (9, 1.0, "p.txt", 2)
+    assert config.save_every == 10  # the smoke preset's, untouched by the file
+    (tmp_path / "run.json").write_text('{"batch_size": 16}')
+    assert distill.parse([f"--config={tmp_path / 'run.json'}"]).batch_size == 16  # over the default (digits) preset
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("stepz = 3\n", "unknown field 'stepz'"), ("[mesh]\nfsdpp = 2\n", "unknown field 'mesh.fsdpp'"),
+     ('steps = "many"\n', "steps must be int"), ("steps = \n", "not a valid toml file"), ("mesh = 3\n", "mesh must be a table")],
+)
+def test_bad_config_files_are_named(tmp_path, content, message, capsys):
+    (tmp_path / "run.toml").write_text(content)
+    with pytest.raises(distill.ConfigError, match=message):
+        distill.parse(["--config", str(tmp_path / "run.toml")])
+    with pytest.raises(SystemExit) as info:
+        distill.main(["--config", str(tmp_path / "run.toml")])
+    assert info.value.code == 1 and "run.toml" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(distill.ConfigError, match="no such config file"):
+        distill.parse(["--config", str(tmp_path / "missing.toml")])

@@ -7,6 +7,7 @@ velocities at those states, optionally plus the mismatch of their hidden states 
     python -m train.distill smoke --steps 100 --mesh.fsdp 8
     python -m train.distill cache smoke && python -m train.distill smoke --objective cache
     python -m train.distill flux-dev --prompts prompts.txt --workdir gs://b/run
+    python -m train.distill flux-dev --config run.toml --steps 100   # preset < file < flags
 
 One flat loop: mesh -> teacher, student, optimizer -> resume -> jit step -> log -> checkpoint. A run
 resumes from the latest checkpoint in its workdir, on any mesh; SIGTERM saves and exits; a non-finite
@@ -15,6 +16,7 @@ loss stops the run and leaves the last good checkpoint as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -33,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
-from convert.atomic import append_file, write_file
+from convert.atomic import append_file, location, write_file
 from convert.orbax_io import META_FILE, is_flux_checkpoint, write_flux
 from convert.pipeline_io import load_prompt_encoder
 from flux_jax.config import PRESETS as MODEL_PRESETS
@@ -313,13 +315,63 @@ def export_student(student: Flux, workdir: str) -> epath.Path:
 
 
 def parse(argv: list[str] | None = None) -> DistillConfig:
-    """Presets as subcommands with every field a flag; no subcommand means the default preset."""
+    """Presets as subcommands with every field a flag; no subcommand means the default preset.
+    `--config FILE` (.toml or .json) sets fields over the preset's, and flags over the file's."""
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, config_file = _config_file_argument(argv)
+    presets = PRESETS
+    if config_file is not None:
+        presets = {name: (about, from_file(preset, config_file)) for name, (about, preset) in PRESETS.items()}
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["digits", *argv]
-    return tyro.extras.overridable_config_cli(PRESETS, prog=PROG, args=argv)
+    return tyro.extras.overridable_config_cli(presets, prog=PROG, args=argv)
+
+
+def _config_file_argument(argv: list[str]) -> tuple[list[str], str | None]:
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 == len(argv):
+                raise ConfigError("--config needs a file (.toml or .json)")
+            return argv[:i] + argv[i + 2:], argv[i + 1]
+        if arg.startswith("--config="):
+            return argv[:i] + argv[i + 1:], arg.split("=", 1)[1]
+    return argv, None
+
+
+def from_file(config: DistillConfig, path: str) -> DistillConfig:
+    """`config` with the fields a TOML or JSON file sets (the mesh as a table / object of its own)."""
+    import tomllib
+
+    file = location(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = tomllib.loads(file.read_text()) if file.suffix == ".toml" else json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a valid {file.suffix[1:] or 'JSON'} file ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a table of DistillConfig fields")
+    return _replaced(config, values, path)
+
+
+def _replaced(config, values: dict, path: str, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changes = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown field {prefix + key!r}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {prefix + key} must be a table of its fields")
+            changes[key] = _replaced(current, value, path, prefix=f"{prefix}{key}.")
+        elif current is not None and not isinstance(value, type(current)) and not (isinstance(current, float) and isinstance(value, int)):
+            raise ConfigError(f"{path}: {prefix + key} must be {type(current).__name__}, got {value!r}")
+        else:
+            changes[key] = float(value) if isinstance(current, float) else value
+    return dataclasses.replace(config, **changes)
 
 
 def cache(config: DistillConfig) -> epath.Path:
@@ -332,15 +384,15 @@ def cache(config: DistillConfig) -> epath.Path:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cache"]:
-        config = parse(argv[1:])
         try:
+            config = parse(argv[1:])
             print(f"latent cache in {cache(config)}")
         except (CheckpointError, DataError, MeshError, ConfigError) as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
         return
-    config = parse(argv)
     try:
+        config = parse(argv)
         report(config, train(config))
     except (CheckpointError, DataError, MeshError, ConfigError, TrainingError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
