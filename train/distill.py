@@ -244,40 +244,52 @@ def train(config: DistillConfig) -> dict:
     board = ScalarWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
     lr = learning_rate(config)
     losses: dict[int, float] = {}
+    unread: list[tuple[int, jax.Array, dict]] = []  # steps dispatched whose loss is not read yet
+    since = time.perf_counter()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill", disable=not is_main)
     try:
         for step in bar:
             rows = batch_indices(len(prompts.txt), config.batch_size, config.seed, step)
             txt, y = global_batch(prompts.txt[rows], batch_sharding), global_batch(prompts.y[rows], batch_sharding)
             x0 = None if latents is None else global_batch(latents[rows], batch_sharding)
-            began = time.perf_counter()
             with jax.set_mesh(mesh):
                 loss, extras = train_step(student, optimizer, teacher_weights, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
-            loss = float(loss)
-            seconds = time.perf_counter() - began
-            if not np.isfinite(loss):
-                mngr.wait_until_finished()
-                raise TrainingError(f"loss is {loss} at step {step + 1}; stopped without saving; the last good checkpoint "
-                                    f"is step {mngr.latest_step()} in {epath.Path(config.workdir) / 'checkpoints'}")
-            losses[step + 1] = loss
+            unread.append((step + 1, loss, extras))
+            if jax.process_count() > 1:  # one host's SIGTERM stops every host at the same step
+                stopping = multihost_utils.process_allgather(np.array(stop["signal"] is not None)).any()
+                stop["signal"] = stop["signal"] or (signal.SIGTERM if stopping else None)
+            logging = (step + 1) % config.log_every == 0 or step + 1 == config.steps
+            sampling = bool(config.sample_every) and (step + 1) % config.sample_every == 0
+            saving = step + 1 == config.steps or stop["signal"] is not None or mngr.should_save(step + 1)
+            if not (logging or sampling or saving):
+                continue  # no sync: the host runs ahead and queues the next step
+            # Every loss since the last read is checked before anything is logged or saved, so a
+            # non-finite one never reaches a checkpoint.
+            read = jax.device_get(unread)
+            seconds, since = (time.perf_counter() - since) / len(unread), time.perf_counter()
+            unread.clear()
+            for done, value, _ in read:
+                if not np.isfinite(value):
+                    mngr.wait_until_finished()
+                    raise TrainingError(f"loss is {float(value)} at step {done}; stopped without saving; the last good "
+                                        f"checkpoint is step {mngr.latest_step()} in {epath.Path(config.workdir) / 'checkpoints'}")
+                losses[done] = float(value)
+            loss, extras = losses[step + 1], read[-1][2]
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
-            if is_main and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
+            if is_main and logging:
                 metrics = {"loss": loss, **{name: float(value) for name, value in extras.items()},
                            "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
                            "samples_per_s": config.batch_size / seconds}
                 metrics_log.write((json.dumps({"step": step + 1, **metrics}) + "\n").encode())
                 metrics_log.flush()
                 board.scalars(step + 1, metrics)
-            if config.sample_every and (step + 1) % config.sample_every == 0:
+            if sampling:
                 with jax.set_mesh(mesh):
                     grid = sample_grid(teacher, student, prompts, latent_height=config.latent_height,
                                        latent_width=config.latent_width, sampler_steps=config.sampler_steps,
                                        guidance=(config.guidance_min + config.guidance_max) / 2, seed=config.seed)
                 if is_main:
                     save_png(grid, epath.Path(config.workdir) / "samples" / f"step-{step + 1:07d}.png")
-            if jax.process_count() > 1:  # one host's SIGTERM stops every host at the same step
-                stopping = multihost_utils.process_allgather(np.array(stop["signal"] is not None)).any()
-                stop["signal"] = stop["signal"] or (signal.SIGTERM if stopping else None)
             checkpointing.save(mngr, step + 1, nnx.state((student, optimizer)),
                                force=step + 1 == config.steps or stop["signal"] is not None)
             if stop["signal"] is not None:
