@@ -1,17 +1,29 @@
 """ternary_matmul: every backend against a NumPy float64 reference (kernels in interpret mode), and
 the kernels lowered for cuda and tpu from this CPU machine with jax.export."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
 
-from pallas_kernels import pack_ternary, ternary_matmul
+from pallas_kernels import gpu_lowering_target, pack_ternary, ternary_matmul
 from pallas_kernels.mosaic_tpu import MosaicBlocks
 from pallas_kernels.triton_gpu import TritonBlocks
 
 KERNELS = ["triton", "mosaic_tpu"]
+KERNEL_MARKERS = [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")]
+
+
+def export_for(platform, fn, *specs):
+    """`fn` lowered for `platform` from this CPU machine (an H100 as the GPU target)."""
+    with gpu_lowering_target() if platform == "cuda" else contextlib.nullcontext():
+        return export.export(
+            jax.jit(fn), platforms=[platform],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*specs)
 
 
 def reference(x, codes, scale, bias):
@@ -99,7 +111,7 @@ FLUX_DEV_LAYERS = {  # (K, N) of FLUX.1-dev's ternary layers
 ODD = {"odd": (130, 33), "tiny": (5, 7)}
 
 
-@pytest.mark.parametrize("platform, marker", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("platform, marker", KERNEL_MARKERS)
 @pytest.mark.parametrize("name", [*FLUX_DEV_LAYERS, *ODD])
 @pytest.mark.parametrize("m", [1, 4608])
 def test_default_call_lowers_to_the_kernel(platform, marker, name, m):
@@ -110,11 +122,7 @@ def test_default_call_lowers_to_the_kernel(platform, marker, name, m):
         jax.ShapeDtypeStruct((n,), jnp.float32),
         jax.ShapeDtypeStruct((n,), jnp.float32),
     )
-    exported = export.export(
-        jax.jit(lambda x, p, s, b: ternary_matmul(x, p, s, b)),
-        platforms=[platform],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
+    exported = export_for(platform, lambda x, p, s, b: ternary_matmul(x, p, s, b), *args)
     text = exported.mlir_module()
     assert marker in text
     assert exported.out_avals[0].shape == (m, n)
@@ -137,9 +145,8 @@ def test_packed_flux_lowers_its_layers_to_kernels_for_both_platforms():
         return nnx.merge(graphdef, state)(**inputs)
 
     state_specs = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
-    for platform, marker in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
-        exported = export.export(jax.jit(forward), platforms=[platform],
-                                 disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(state_specs, specs)
+    for platform, marker in KERNEL_MARKERS:
+        exported = export_for(platform, forward, state_specs, specs)
         per_block = 10 * config.depth + 3 * config.depth_single_blocks
         assert exported.mlir_module().count(marker) >= per_block
 
