@@ -1,14 +1,17 @@
 """Storage and inference memory of a FLUX transformer, bf16 against packed ternary, without allocating it.
 
-    python -m flux_jax.memory_report --config flux-dev
-    python -m flux_jax.memory_report --config flux-dev --json     # last line: one JSON object
+    python -m flux_jax.memory_report --config flux-dev --target h100     # the H100 compiler's figure
+    python -m flux_jax.memory_report --config flux-dev --target v5e-1    # the TPU compiler's figure
+    python -m flux_jax.memory_report --config flux-dev                   # this machine's backend, by stage
+    python -m flux_jax.memory_report --config flux-dev --json            # last line: one JSON object
 
-Storage comes from `ternary_report` (exact counts). Peak device memory of one forward pass is every
-weight resident plus the largest transient of any stage (embedders + final layer, one double block,
-one single block), each from XLA's buffer assignment of that stage compiled on abstract inputs
-(`jax.jit(...).lower(...).compile().memory_analysis()`) on this machine's backend. Stages, not the
-whole program: on CPU, XLA converts every bf16 weight to float32 for its dots and schedules those
-conversions early, so a whole-program figure measures that CPU artifact rather than the model.
+Storage comes from `ternary_report` (exact counts). With `--target` (see `flux_jax.targets`), the whole
+forward program is compiled for one chip of the target by the accelerator's own compiler, deviceless,
+and its buffer assignment (`memory_analysis()`: arguments + outputs + temporaries) is the peak: a
+compiler's figure, not a run. Without it, on this machine's backend, the peak is every weight resident
+plus the largest transient of any stage (embedders + final layer, one double block, one single
+block), each stage compiled alone: on CPU, XLA converts every bf16 weight to float32 for its dots and
+schedules those conversions early, so a whole-program CPU figure would measure that artifact.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flux_jax.config import PRESETS, FluxConfig
+from flux_jax.sharding import MESH_AXES
+from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, target_devices
 from flux_jax.ternary import QuantPolicy, build, ternary_report
 
 PAPER_STORAGE_RATIO = 7.7
@@ -42,24 +47,37 @@ def _stage_transient_bytes(module: nnx.Module, fn, *activations: jax.ShapeDtypeS
             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
+def total_bytes(stats) -> int:
+    """Arguments + outputs (less those aliased to donated arguments) + temporaries of a compiled program."""
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)
+
+
+def forward_inputs(config: FluxConfig, batch: int, image_tokens: int, text_tokens: int, sharding=None):
+    """Abstract arguments of `Flux.__call__` (img, img_ids, txt, txt_ids, timesteps, y, guidance)."""
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    dt, f32 = config.dtype, jnp.float32
+    return (
+        sds((batch, image_tokens, config.in_channels), dt), sds((batch, image_tokens, 3), f32),
+        sds((batch, text_tokens, config.context_in_dim), dt), sds((batch, text_tokens, 3), f32),
+        sds((batch,), f32), sds((batch, config.vec_in_dim), dt),
+        sds((batch,), f32) if config.guidance_embed else None,
+    )
+
+
 def peak_forward_bytes(config: FluxConfig, kind: str, policy: QuantPolicy | None = None, *,
                        image_tokens: int = 4096, text_tokens: int = 512, batch: int = 1) -> int:
-    """Peak bytes of one forward pass run stage by stage: every weight resident (bf16, or packed codes
-    and scales) plus the largest transient of any stage: the embedders and final layer together, one
-    double block, one single block. Each transient comes from `memory_analysis()` of that stage
-    compiled on abstract inputs, so nothing is allocated and flux-dev fits on a laptop."""
+    """Peak bytes of one forward pass run stage by stage on this machine's backend: every weight
+    resident (bf16, or packed codes and scales) plus the largest transient of any stage: the embedders
+    and final layer together, one double block, one single block. Each transient comes from
+    `memory_analysis()` of that stage compiled on abstract inputs, so nothing is allocated."""
     model = nnx.eval_shape(lambda: build(config, kind, policy, rngs=nnx.Rngs(0)))
     dt, f32, h = config.dtype, jnp.float32, config.hidden_size
     sds = jax.ShapeDtypeStruct
     length = image_tokens + text_tokens
     pe = (sds((batch, length, 1, config.head_dim // 2), f32),) * 2
     vec = sds((batch, h), dt)
-    inputs = (
-        sds((batch, image_tokens, config.in_channels), dt), sds((batch, image_tokens, 3), f32),
-        sds((batch, text_tokens, config.context_in_dim), dt), sds((batch, text_tokens, 3), f32),
-        sds((batch,), f32), sds((batch, config.vec_in_dim), dt),
-        sds((batch,), f32) if config.guidance_embed else None,
-    )
+    inputs = forward_inputs(config, batch, image_tokens, text_tokens)
     outer = nnx.eval_shape(lambda: build(config.replace(depth=0, depth_single_blocks=0), kind, policy, rngs=nnx.Rngs(0)))
     transients = [_stage_transient_bytes(outer, lambda m, *x: m(*x), *inputs)]
     if config.depth:
@@ -72,15 +90,43 @@ def peak_forward_bytes(config: FluxConfig, kind: str, policy: QuantPolicy | None
     return _bytes(nnx.state(model)) + max(transients)
 
 
+def compiled_forward(config: FluxConfig, kind: str, policy: QuantPolicy | None, target: Target, *,
+                     image_tokens: int = 4096, text_tokens: int = 512, batch: int = 1):
+    """One forward pass, the whole program, compiled for one chip of `target` by its own compiler
+    (deviceless: nothing allocated, no such chip needed). Returns the compiled executable."""
+    device = target_devices(target)[:1]
+    mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=device,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    one_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh):
+        model = nnx.eval_shape(lambda: build(config, kind, policy, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one_chip), state)
+        inputs = forward_inputs(config, batch, image_tokens, text_tokens, one_chip)
+        forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+        return forward.lower(state, *inputs).compile()
+
+
 def memory_report(config: FluxConfig, policy: QuantPolicy = QuantPolicy(), *, image_tokens: int = 4096,
-                  text_tokens: int = 512) -> dict[str, float]:
-    """`ternary_report` plus peak forward memory of the bf16 and packed models and their ratio."""
+                  text_tokens: int = 512, target: Target | None = None) -> dict:
+    """`ternary_report` plus peak forward memory of the bf16 and packed models and their ratio: compiled
+    whole for one chip of `target`, or stage by stage on this machine's backend when it is None."""
     config = config.with_dtype("bfloat16")
     report = ternary_report(config, policy)
-    peak_bf16 = peak_forward_bytes(config, "flux", image_tokens=image_tokens, text_tokens=text_tokens)
-    peak_packed = peak_forward_bytes(config, "packed", policy, image_tokens=image_tokens, text_tokens=text_tokens)
-    return {**report, "image_tokens": image_tokens, "text_tokens": text_tokens,
-            "peak_bytes_bf16": peak_bf16, "peak_bytes_packed": peak_packed, "memory_ratio": peak_bf16 / peak_packed}
+    tokens = dict(image_tokens=image_tokens, text_tokens=text_tokens)
+    if target is None:
+        peak_bf16 = peak_forward_bytes(config, "flux", **tokens)
+        peak_packed = peak_forward_bytes(config, "packed", policy, **tokens)
+        measured = {"backend": jax.devices()[0].platform}
+    else:
+        stats = {kind: compiled_forward(config, kind, policy, target, **tokens).memory_analysis()
+                 for kind in ("flux", "packed")}
+        peak_bf16, peak_packed = total_bytes(stats["flux"]), total_bytes(stats["packed"])
+        measured = {"target": target.name, "hbm_bytes": target.hbm_bytes,
+                    **{f"{part}_bytes_{name}": getattr(stats[kind], f"{part}_size_in_bytes")
+                       for kind, name in (("flux", "bf16"), ("packed", "packed")) for part in ("argument", "temp")}}
+    return {**report, **tokens, **measured, "peak_bytes_bf16": peak_bf16, "peak_bytes_packed": peak_packed,
+            "memory_ratio": peak_bf16 / peak_packed}
 
 
 def _gb(n: float) -> str:
@@ -91,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flux_jax.memory_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, choices=sorted(PRESETS), help="architecture preset")
+    parser.add_argument("--target", metavar="NAME", help=f"compile for one chip of: {', '.join(TARGETS)}")
     parser.add_argument("--per-tensor", action="store_true", help="one scale per tensor instead of per output channel")
     parser.add_argument("--image-tokens", type=int, default=4096, help="4096 = a 1024x1024 image")
     parser.add_argument("--text-tokens", type=int, default=512)
@@ -98,16 +145,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.image_tokens, args.text_tokens) < 1:
         parser.error("--image-tokens and --text-tokens must be at least 1")
-    r = memory_report(FluxConfig.preset(args.config), QuantPolicy(per_channel=not args.per_tensor),
-                      image_tokens=args.image_tokens, text_tokens=args.text_tokens)
+    try:
+        target = get_target(args.target) if args.target else None
+        r = memory_report(FluxConfig.preset(args.config), QuantPolicy(per_channel=not args.per_tensor),
+                          image_tokens=args.image_tokens, text_tokens=args.text_tokens, target=target)
+    except TargetError as err:
+        parser.exit(1, f"memory_report: {err}\n")
     print(f"{args.config}: {r['params_total']:,} parameters, {r['params_ternary']:,} ternary ({100 * r['ternary_fraction']:.2f}%)")
     print(f"storage  bf16 {_gb(r['bytes_bf16'])}   packed {_gb(r['bytes_packed'])}   archive {_gb(r['bytes_archive'])}")
     print(f"         packed {r['storage_ratio_packed']:.2f}x smaller (paper {PAPER_STORAGE_RATIO}x), "
           f"archive {r['storage_ratio_archive']:.2f}x")
-    print(f"memory   one forward, {args.image_tokens} image + {args.text_tokens} text tokens, batch 1, "
-          f"{jax.devices()[0].platform} buffer assignment:")
+    tokens = f"one forward, {args.image_tokens} image + {args.text_tokens} text tokens, batch 1"
+    if target is None:
+        print(f"memory   {tokens}, {r['backend']} buffer assignment, stage by stage:")
+    else:
+        print(f"memory   {tokens}, whole program compiled for one chip of {target.describe()}")
+        print(f"         (the {target.platform.upper()} compiler's buffer assignment, deviceless: not a run"
+              f"{'; no GPU autotuning' if target.platform == 'cuda' else ''})")
     print(f"         bf16 {_gb(r['peak_bytes_bf16'])}   packed {_gb(r['peak_bytes_packed'])}   "
           f"{r['memory_ratio']:.2f}x less (paper {PAPER_MEMORY_RATIO}x)")
+    if target is not None:
+        for name in ("bf16", "packed"):
+            print(f"         {name:6} arguments {_gb(r[f'argument_bytes_{name}'])}  temporaries "
+                  f"{_gb(r[f'temp_bytes_{name}'])}  {headroom(r[f'peak_bytes_{name}'], target)} "
+                  f"in {target.hbm_bytes / 1e9:.1f} GB")
     if args.json:
         print(json.dumps(r))
     sys.stdout.flush()

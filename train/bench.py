@@ -1,39 +1,43 @@
-"""Training-step cost of `train.distill`: time and memory per device, with and without remat.
+"""Training-step cost of `train.distill`: measured here, or compiled for a pod you do not have.
 
-    python -m train.bench                        # mid-size student, measured here
-    python -m train.bench --flux-dev 8           # flux-dev per-device memory on an 8-device mesh (abstract)
-    XLA_FLAGS=--xla_force_host_platform_device_count=32 python -m train.bench --flux-dev 32   # on CPU
-    python -m train.bench --flux-dev 8 --blocks 2 4   # the same step with 2 double + 4 single blocks
+    python -m train.bench                                  # mid-size student: time and memory, measured here
+    python -m train.bench --target 8xh100                  # flux-dev, 1024x1024, 2 samples per device, 8 H100s
+    python -m train.bench --target v5p-64 --batch-per-device 4
+    python -m train.bench --target v5p-64 --find-batch     # the largest batch per device that fits
+    python -m train.bench --target v5p-8 --blocks 2 4      # 2 double + 4 single blocks (quick checks)
 
 Mid-size: width 1024, 4 double + 8 single blocks, 1024 image + 256 text tokens, batch 1, on this
 machine's first device; step time is the median of a few real steps, memory is XLA's buffer assignment
-of the compiled step (arguments + outputs + temporaries). --flux-dev N compiles the real flux-dev step
-(1024x1024, batch N, 28-step teacher trajectory, bf16 student) for N devices (fsdp) on abstract
-inputs, nothing allocated, and prints the buffer assignment split into arguments (teacher, student
-and optimizer state: what the step keeps resident between steps), temporaries, and the total, with the
-compile time; run it where N devices exist, or on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N
-(one CPU compile of the full model takes about 4 minutes on an idle core; there are two, remat on
-and off). The CPU backend's temporaries are not an accelerator's, and most likely far above them: they
-hold float32 copies of the bf16 weights (its dots run in float32) and come from a schedule with no
-memory limit (no rematerialisation, weights all-gathered early and held). The arguments are the same
-on every backend. --blocks compiles the step with fewer blocks (compile-time and linearity checks).
+of the compiled step (arguments + outputs + temporaries), with and without remat.
+
+--target NAME (see `flux_jax.targets`) compiles the real step of the `--preset` run (default flux-dev:
+1024x1024, 512 text tokens, 28-step teacher trajectory, bf16 student, AdamW, remat, fsdp over every
+chip) for the target with the accelerator's own compiler, deviceless, and prints per device:
+arguments (teacher, student, optimizer state), temporaries, total, the chip's HBM and the headroom,
+the step's model FLOPs (`step_model_flops`) and the step time they imply at --mfu, then one JSON line.
+A compiler's figure, not a run; no GPU autotuning without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from flux_jax.config import PRESETS as FLUX_PRESETS
 from flux_jax.config import FluxConfig
+from flux_jax.memory_report import total_bytes
 from flux_jax.model import Flux
+from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, target_devices
 from flux_jax.ternary import QuantPolicy, build
-from train.config import DistillConfig, MeshConfig
+from train.config import PRESETS, DistillConfig, MeshConfig
 from train.distill import frozen, make_train_step, optimizer_for
 from train.mesh import make_mesh
 
@@ -50,30 +54,101 @@ def _abstract(flux: FluxConfig, config: DistillConfig):
     return teacher, student, optimizer
 
 
-def step_analysis(flux: FluxConfig, config: DistillConfig, mesh):
-    """XLA's per-device buffer assignment of one compiled training step (`memory_analysis()`), and the
-    seconds that lowering and compiling took."""
-    text = 256
+def compile_step(flux: FluxConfig, config: DistillConfig, mesh):
+    """The training step compiled for `mesh` on abstract inputs (nothing allocated; the mesh's devices
+    may be a target's compile-only devices), and the seconds that lowering and compiling took."""
     began = time.perf_counter()
     with jax.set_mesh(mesh):
         teacher, student, optimizer = _abstract(flux, config)
-        batch = config.batch_size
-        args = (jax.ShapeDtypeStruct((batch, text, flux.context_in_dim), jnp.float32),
-                jax.ShapeDtypeStruct((batch, flux.vec_in_dim), jnp.float32), None, jax.random.key(0))
+        batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        args = (jax.ShapeDtypeStruct((config.batch_size, config.text_length, flux.context_in_dim), jnp.float32, sharding=batch),
+                jax.ShapeDtypeStruct((config.batch_size, flux.vec_in_dim), jnp.float32, sharding=batch), None,
+                jax.eval_shape(lambda: jax.random.key(0)))
         graph, weights = frozen(teacher)
-        step = make_train_step(config, text_length=text, teacher_graph=graph)
-        stats = step.lower(student, optimizer, weights, *args).compile().memory_analysis()
-    return stats, time.perf_counter() - began
-
-
-def total_bytes(stats) -> int:
-    """Arguments + outputs (less those aliased to donated arguments) + temporaries."""
-    return stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+        step = make_train_step(config, text_length=config.text_length, teacher_graph=graph)
+        compiled = step.lower(student, optimizer, weights, *args).compile()
+    return compiled, time.perf_counter() - began
 
 
 def step_memory(flux: FluxConfig, config: DistillConfig, mesh) -> int:
     """Bytes per device XLA assigns to one compiled training step (arguments + outputs + temporaries)."""
-    return total_bytes(step_analysis(flux, config, mesh)[0])
+    return total_bytes(compile_step(flux, config, mesh)[0].memory_analysis())
+
+
+def forward_flops(flux: FluxConfig, image_tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one forward pass of one sample, counted from the architecture (as MaxText counts
+    its model FLOPs): each block's linears on the tokens they see, attention's two L x L products,
+    the embedders and the final layer. Compiled cost models cannot give it: they count a loop body
+    (attention's query chunks, the sampler) once, and the GPU compiler gives none without a GPU."""
+    h, m = flux.hidden_size, int(flux.hidden_size * flux.mlp_ratio)
+    length = image_tokens + text_tokens
+    side = 3 * h * h + h * h + 2 * h * m  # qkv, proj, MLP in and out: one stream of a double block
+    single = h * (3 * h + m) + (h + m) * h  # linear1, linear2
+    modulation = flux.depth * 2 * h * 6 * h + flux.depth_single_blocks * h * 3 * h  # on one vector a sample
+    blocks = flux.depth * side * length + flux.depth_single_blocks * single * length + modulation
+    attention = (flux.depth + flux.depth_single_blocks) * 2 * length * length * h  # q k^T and p v
+    embed = (flux.in_channels * h * image_tokens + flux.context_in_dim * h * text_tokens
+             + h * flux.in_channels * image_tokens + flux.vec_in_dim * h + 2 * 256 * h + 2 * h * h)
+    return 2.0 * (blocks + attention + embed)
+
+
+def step_model_flops(flux: FluxConfig, config: DistillConfig, samples: int) -> float:
+    """Model FLOPs of one training step (the numerator of MFU): per sample, the teacher's sampler runs
+    k ~ U{0 .. sampler_steps - 1} forwards ((sampler_steps - 1) / 2 on average), the teacher one more
+    for the target, and the student a forward and a backward (three forwards' worth; remat's
+    recomputation is not model FLOPs)."""
+    image_tokens = (config.latent_height // 2) * (config.latent_width // 2)
+    forwards = (config.sampler_steps - 1) / 2 + 1 + 3
+    return samples * forwards * forward_flops(flux, image_tokens, config.text_length)
+
+
+def target_step(target: Target, flux: FluxConfig, config: DistillConfig, batch_per_device: int, mfu: float) -> dict:
+    """One step of `config` with `batch_per_device` samples per chip, compiled for `target` (fsdp over
+    every chip): its per-device memory, headroom, FLOPs and the step time those imply at `mfu`."""
+    devices = target_devices(target)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=len(devices), tensor=1), devices)
+    config = dataclasses.replace(config, batch_size=batch_per_device * len(devices))
+    compiled, seconds = compile_step(flux, config, mesh)
+    stats = compiled.memory_analysis()
+    flops = step_model_flops(flux, config, batch_per_device)
+    total = total_bytes(stats)
+    return {"target": target.name, "double_blocks": flux.depth, "single_blocks": flux.depth_single_blocks,
+            "batch_per_device": batch_per_device, "image_tokens": (config.latent_height // 2) * (config.latent_width // 2),
+            "text_tokens": config.text_length, "sampler_steps": config.sampler_steps,
+            "argument_bytes": stats.argument_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
+            "output_bytes_not_aliased": stats.output_size_in_bytes - stats.alias_size_in_bytes,
+            "total_bytes": total, "hbm_bytes": target.hbm_bytes, "fits": total <= target.hbm_bytes,
+            "headroom": 1 - total / target.hbm_bytes, "model_flops_per_device": flops, "mfu": mfu,
+            "step_seconds_at_mfu": flops / (target.peak_flops * mfu), "compile_seconds": seconds}
+
+
+def largest_batch(measure, *, limit: int = 64) -> tuple[int, list[dict]]:
+    """The largest batch per device whose step fits (doubling, then bisection), and every compile's
+    result. `measure(batch)` returns a `target_step` dict."""
+    results = {}
+
+    def fits(batch: int) -> bool:
+        results[batch] = measure(batch)
+        return results[batch]["fits"]
+
+    if not fits(1):
+        return 0, list(results.values())
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low, [results[b] for b in sorted(results)]
+
+
+def _print_step(r: dict, target: Target) -> None:
+    gb = 1e9
+    print(f"  batch {r['batch_per_device']}/device: arguments {r['argument_bytes'] / gb:6.2f} GB (teacher, student, "
+          f"optimizer state) + temporaries {r['temp_bytes'] / gb:6.2f} GB + outputs {r['output_bytes_not_aliased'] / gb:4.2f} GB"
+          f" = {r['total_bytes'] / gb:6.2f} GB of {target.hbm_bytes / gb:.1f} GB: {headroom(r['total_bytes'], target)}; "
+          f"{r['model_flops_per_device'] / 1e12:,.0f} model TFLOP/device, {r['step_seconds_at_mfu']:.1f} s/step at "
+          f"{100 * r['mfu']:.0f}% MFU (compiled in {r['compile_seconds']:.0f} s)", flush=True)
 
 
 def step_seconds(flux: FluxConfig, config: DistillConfig, repeats: int) -> float:
@@ -101,48 +176,61 @@ def step_seconds(flux: FluxConfig, config: DistillConfig, repeats: int) -> float
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flux-dev", type=int, metavar="N", help="flux-dev per-device memory on N devices instead")
+    parser.add_argument("--target", metavar="NAME", help=f"compile for: {', '.join(TARGETS)}")
+    parser.add_argument("--preset", default="flux-dev", choices=sorted(PRESETS), help="with --target: the run (train.distill preset)")
+    parser.add_argument("--batch-per-device", type=int, default=2, metavar="N", help="with --target: samples per chip")
+    parser.add_argument("--find-batch", action="store_true", help="with --target: the largest batch per device that fits")
     parser.add_argument("--blocks", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"),
-                        help="with --flux-dev: this many double and single blocks instead of 19 and 38")
+                        help="with --target: this many double and single blocks instead of the model's")
+    parser.add_argument("--mfu", type=float, default=0.4, help="with --target: model FLOP utilisation for the step time")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    base = DistillConfig(batch_size=1, latent_height=64, latent_width=64, sampler_steps=4)
-    if args.blocks and not args.flux_dev:
-        parser.error("--blocks goes with --flux-dev")
-    if args.flux_dev:
-        if len(jax.devices()) < args.flux_dev:
-            parser.error(f"{args.flux_dev} devices asked for, {len(jax.devices())} present")
-        mesh = make_mesh(MeshConfig(data=1, fsdp=args.flux_dev, tensor=1), jax.devices()[: args.flux_dev])
-        config = dataclasses.replace(base, batch_size=args.flux_dev, latent_height=128, latent_width=128,
-                                     student_dtype="bfloat16", remat=True, sampler_steps=28)
-        flux = FluxConfig.preset("flux-dev")
-        if args.blocks:
-            flux = flux.replace(depth=args.blocks[0], depth_single_blocks=args.blocks[1])
-        device = jax.devices()[0]
-        print(f"flux-dev distillation step ({flux.depth} double + {flux.depth_single_blocks} single blocks), "
-              f"1024x1024, batch {config.batch_size}, {config.sampler_steps}-step teacher trajectory, bf16 student, "
-              f"fsdp={args.flux_dev}, {device.platform} ({device.device_kind}) buffer assignment per device:")
-        for remat in (True, False):
-            stats, seconds = step_analysis(flux, dataclasses.replace(config, remat=remat), mesh)
-            gib = 2**30
-            print(f"  remat {str(remat):5}  total {total_bytes(stats) / gib:8.2f} GiB  = arguments "
-                  f"{stats.argument_size_in_bytes / gib:6.2f} (teacher, student, optimizer state) + temporaries "
-                  f"{stats.temp_size_in_bytes / gib:8.2f} + outputs not aliased "
-                  f"{(stats.output_size_in_bytes - stats.alias_size_in_bytes) / gib:5.2f}   (compiled in {seconds:.0f} s)",
-                  flush=True)
-        if device.platform == "cpu":
-            print("  CPU backend: temporaries include float32 copies of bf16 weights and a schedule with no memory limit; "
-                  "not an accelerator's figure; compile there for that (see docs/benchmarks.md)")
+    if not args.target and (args.blocks or args.find_batch):
+        parser.error("--blocks and --find-batch go with --target")
+    if args.batch_per_device < 1 or not 0 < args.mfu <= 1:
+        parser.error("--batch-per-device must be at least 1 and --mfu in (0, 1]")
+    if args.target:
+        try:
+            target = get_target(args.target)
+            config = PRESETS[args.preset][1]
+            flux = _preset_model(config)
+            if args.blocks:
+                flux = flux.replace(depth=args.blocks[0], depth_single_blocks=args.blocks[1])
+            print(f"{args.preset} distillation step ({flux.depth} double + {flux.depth_single_blocks} single blocks), "
+                  f"{config.latent_height * 8}x{config.latent_width * 8}, {config.text_length} text tokens, "
+                  f"{config.sampler_steps}-step teacher trajectory, {config.student_dtype} student, remat {config.remat}, "
+                  f"fsdp over {target.describe()};")
+            print(f"  the {target.platform.upper()} compiler's buffer assignment per device (deviceless: not a run"
+                  f"{'; no GPU autotuning' if target.platform == 'cuda' else ''}):", flush=True)
+            measure = lambda batch: target_step(target, flux, config, batch, args.mfu)  # noqa: E731
+            if args.find_batch:
+                best, results = largest_batch(measure)
+                for r in results:
+                    _print_step(r, target)
+                print(f"  largest batch per device that fits on {target.name}: {best}")
+                print(json.dumps({"largest_batch_per_device": best, "steps": results}))
+            else:
+                r = measure(args.batch_per_device)
+                _print_step(r, target)
+                print(json.dumps(r))
+        except TargetError as err:
+            parser.exit(1, f"train.bench: {err}\n")
         return
+    base = DistillConfig(batch_size=1, latent_height=64, latent_width=64, sampler_steps=4, text_length=256)
     print(f"mid-size distillation step (width 1024, 4 double + 8 single blocks, 1024 + 256 tokens, batch 1, "
           f"bf16 teacher, f32 student) on {jax.devices()[0].device_kind}:")
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    flux = MID
     for remat in (False, True):
         config = dataclasses.replace(base, remat=remat)
-        memory = step_memory(flux, config, mesh) / 2**30
-        seconds = step_seconds(flux, config, args.repeats)
+        memory = step_memory(MID, config, mesh) / 2**30
+        seconds = step_seconds(MID, config, args.repeats)
         print(f"  remat {str(remat):5}  {seconds:7.2f} s/step  {memory:7.2f} GiB")
+
+
+def _preset_model(config: DistillConfig) -> FluxConfig:
+    """The architecture a preset's teacher has: a FluxConfig preset by name, or FLUX.1-dev's."""
+    name = config.teacher if config.teacher in FLUX_PRESETS else "flux-dev"
+    return FluxConfig.preset(name)
 
 
 if __name__ == "__main__":

@@ -116,5 +116,7 @@ def trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, key, *,
     return jax.lax.stop_gradient(x), jnp.full((batch,), sigmas[k], jnp.float32)
 
 
-def position_ids(batch: int, latent_height: int, latent_width: int, text_length: int) -> tuple[jax.Array, jax.Array]:
-    return jnp.asarray(image_ids(batch, latent_height, latent_width)), jnp.asarray(text_ids(batch, text_length))
+def position_ids(batch: int, latent_height: int, latent_width: int, text_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image and text position ids as NumPy: constants a jitted step closes over must not be device
+    arrays, or the step cannot be lowered for devices that are not here (deviceless compiles)."""
+    return image_ids(batch, latent_height, latent_width), text_ids(batch, text_length)

@@ -1,0 +1,107 @@
+"""Accelerators we compile for without having them: TPU slices and H100 hosts, by name.
+
+`python -m train.bench --target v5p-64` and `python -m flux_jax.memory_report --target h100` compile
+the real program with the accelerator's own compiler on any machine ("deviceless" ahead-of-time
+compilation: libtpu for TPUs, XLA's GPU pipeline through ptxas for H100s), over compile-only devices
+of the named topology: build a mesh of `target_devices(target)`, lower under `jax.set_mesh(mesh)` (its
+abstract mesh also tells GPU kernels which GPU they compile for), compile. The figures are the compiler's buffer assignment and cost model, not a run;
+no GPU autotuning happens without a GPU (GEMM configurations are untuned).
+
+The compilers come with the `tpu` extra (libtpu, which leaves CPU use alone) and the `cuda` extra (the
+CUDA plugin; set JAX_PLATFORMS=cpu before Python starts on a machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+
+import jax
+from jax.experimental import topologies
+
+SPECS = Path(__file__).parent / "target_specs"
+
+
+class TargetError(ValueError):
+    """A target that is unknown, or whose compiler is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A slice or host: `chips` devices of one kind, each with `hbm_bytes` of memory and a dense
+    bf16 peak of `peak_flops` (the vendor's data sheet)."""
+
+    name: str
+    platform: str  # "tpu" or "cuda"
+    topology: str  # libtpu's topology name, or "<partitions>x<hosts>x<devices per host>" for cuda
+    chips: int
+    hbm_bytes: int
+    peak_flops: float
+    spec: str | None = None  # a GpuTargetConfigProto file in target_specs/ (cuda)
+
+    @property
+    def extra(self) -> str:
+        return "tpu" if self.platform == "tpu" else "cuda"
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.chips} x {self.kind_name}, {self.hbm_bytes / 1e9:.1f} GB "
+                f"({self.hbm_bytes / 2**30:.1f} GiB) each")
+
+    @property
+    def kind_name(self) -> str:
+        return {"tpu": f"TPU {self.topology.split(':')[0]}", "cuda": "H100 SXM"}[self.platform]
+
+
+_H100_BYTES = int(re.search(r"device_memory_size: (\d+)", (SPECS / "h100_sxm.txtpb").read_text()).group(1))
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    # TPU slices: v5e and v6e names count chips, v5p names count TensorCores (two per chip).
+    Target("v5e-1", "tpu", "v5e:1x1", 1, 16 * 10**9, 197e12),
+    Target("v5e-8", "tpu", "v5e:2x4", 8, 16 * 10**9, 197e12),
+    Target("v6e-1", "tpu", "v6e:1x1", 1, 32 * 10**9, 918e12),
+    Target("v6e-8", "tpu", "v6e:2x4", 8, 32 * 10**9, 918e12),
+    Target("v5p-8", "tpu", "v5p:2x2x1", 4, 95 * 10**9, 459e12),
+    Target("v5p-64", "tpu", "v5p:4x4x2", 32, 95 * 10**9, 459e12),
+    # H100 SXM 80GB: memory as XLA's device description gives it (79.1 GiB usable), 989 TFLOP/s dense bf16.
+    Target("h100", "cuda", "1x1x1", 1, _H100_BYTES, 989e12, spec="h100_sxm.txtpb"),
+    Target("8xh100", "cuda", "1x1x8", 8, _H100_BYTES, 989e12, spec="h100_sxm.txtpb"),
+)}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def compiler_installed(target: Target) -> bool:
+    module = "libtpu" if target.platform == "tpu" else "jax_cuda12_plugin"
+    return importlib.util.find_spec(module) is not None
+
+
+def target_devices(target: Target) -> list:
+    """The target's compile-only devices (nothing is allocated on them; they need not exist)."""
+    if not compiler_installed(target):
+        raise TargetError(f"compiling for {target.name} needs the {target.platform.upper()} compiler: "
+                          f'pip install -e ".[{target.extra}]"')
+    if target.platform == "tpu":
+        single_host = {"chips_per_host_bounds": (1, 1, 1)} if target.chips == 1 else {}
+        return list(topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **single_host).devices)
+    try:
+        jax.devices()
+    except RuntimeError as err:
+        raise TargetError(f"the CUDA plugin found no GPU ({err}); on a machine without one, set "
+                          f"JAX_PLATFORMS=cpu before Python starts to compile for {target.name}") from None
+    spec = (SPECS / target.spec).read_text()
+    return list(topologies.get_topology_desc(platform="cuda", topology_name="", target_config=spec,
+                                             topology=target.topology).devices)
+
+
+def headroom(used_bytes: int, target: Target) -> str:
+    """'fits with N% headroom' or 'does not fit by X GB' against one chip's HBM."""
+    free = target.hbm_bytes - used_bytes
+    if free >= 0:
+        return f"fits with {100 * free / target.hbm_bytes:.0f}% headroom"
+    return f"does not fit by {-free / 1e9:.2f} GB"

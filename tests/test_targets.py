@@ -1,0 +1,165 @@
+"""The accelerators' own compilers, deviceless: the TPU compiler (libtpu, in the test extra) and the
+H100 compiler (the cuda extra; tests marked `h100_compiler` run in CI's second venv, with
+JAX_PLATFORMS=cpu). Kernels, the packed model and a reduced-depth training step are compiled, not just
+lowered."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from flux_jax import Flux, FluxConfig
+from flux_jax.layers import attention
+from flux_jax.memory_report import compiled_forward, memory_report
+from flux_jax.targets import TargetError, get_target, headroom, target_devices
+from flux_jax.ternary import QuantPolicy
+from pallas_kernels import ternary_matmul
+from tests.test_ternary_matmul import FLUX_DEV_LAYERS, ODD
+from train.bench import largest_batch, target_step
+from train.config import DistillConfig
+
+h100_compiler = pytest.mark.h100_compiler
+TPU_1, TPU_8, GPU_1, GPU_8 = "v5e-1", "v5e-8", "h100", "8xh100"
+PLATFORMS = [pytest.param(TPU_1, "tpu_custom_call", id="tpu"),
+             pytest.param(GPU_1, "__gpu$xla.gpu.triton", id="h100", marks=h100_compiler)]
+# After compilation the H100's Triton kernel is a custom call to its own cubin; either name is the kernel.
+COMPILED_MARKERS = {"tpu_custom_call": ("tpu_custom_call",), "__gpu$xla.gpu.triton": ("__gpu$xla.gpu.triton", "triton")}
+
+
+def one_chip(name):
+    devices = target_devices(get_target(name))[:1]
+    return jax.sharding.Mesh(devices, ("x",))
+
+
+def test_unknown_targets_and_missing_compilers_are_named(monkeypatch):
+    with pytest.raises(TargetError, match="unknown target 'v9-1'; known targets: v5e-1"):
+        get_target("v9-1")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TargetError, match=r'needs the CUDA compiler: pip install -e "\.\[cuda\]"'):
+        target_devices(get_target("8xh100"))
+    with pytest.raises(TargetError, match=r'needs the TPU compiler: pip install -e "\.\[tpu\]"'):
+        target_devices(get_target("v5p-64"))
+
+
+def test_headroom_is_against_one_chip():
+    v5e = get_target("v5e-1")
+    assert headroom(12 * 10**9, v5e) == "fits with 25% headroom"
+    assert headroom(17 * 10**9, v5e) == "does not fit by 1.00 GB"
+
+
+@pytest.mark.parametrize("name, devices, kind", [("v5p-64", 32, "TPU v5"), ("v5e-8", 8, "TPU v5 lite"),
+                                                  pytest.param("8xh100", 8, "NVIDIA H100 80GB HBM3", marks=h100_compiler)])
+def test_targets_give_their_topologies(name, devices, kind):
+    found = target_devices(get_target(name))
+    assert len(found) == devices and found[0].device_kind == kind
+
+
+@pytest.mark.parametrize("target, marker", PLATFORMS)
+def test_kernels_compile_at_flux_shapes(target, marker):
+    """The default call compiled (not only lowered) by the real compiler at every FLUX.1-dev layer
+    shape and odd shapes, for the token counts of inference (1, 16), small batches and 1024x1024."""
+    mesh = one_chip(target)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    failures = []
+    for name, (k, n) in {**FLUX_DEV_LAYERS, **ODD}.items():
+        for m in (1, 16, 256, 4608):
+            specs = [jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in (
+                ((m, k), jnp.bfloat16), ((-(-k // 4), n), jnp.uint8), ((n,), jnp.float32), ((n,), jnp.float32))]
+            with jax.set_mesh(mesh):
+                compiled = jax.jit(lambda x, p, s, b: ternary_matmul(x, p, s, b)).lower(*specs).compile()
+            text = compiled.as_text()
+            if not any(name in text for name in COMPILED_MARKERS[marker]):
+                failures.append((name, m))
+            assert compiled.out_info.shape == (m, n)
+    assert not failures, f"no kernel in the compiled program for {failures}"
+
+
+@pytest.mark.parametrize("target, marker", PLATFORMS)
+def test_packed_model_compiles_with_its_kernels_and_less_memory(target, marker):
+    config = FluxConfig.preset("tiny").replace(hidden_size=256, num_heads=2, axes_dim=(16, 56, 56))
+    compiled = compiled_forward(config.with_dtype("bfloat16"), "packed", QuantPolicy(), get_target(target),
+                                image_tokens=256, text_tokens=16)
+    assert any(name in compiled.as_text() for name in COMPILED_MARKERS[marker])
+    report = memory_report(config, target=get_target(target), image_tokens=16, text_tokens=8)
+    assert report["target"] == target
+    # The weights are what shrinks: 2 bits + a scale per output channel against 16 bits.
+    assert report["argument_bytes_packed"] < report["argument_bytes_bf16"] / 2.5
+
+
+@pytest.mark.parametrize("target", [TPU_1, pytest.param(GPU_1, marks=h100_compiler)])
+def test_attention_backward_keeps_no_whole_softmax(target):
+    """Differentiating FLUX's attention at 1024x1024 (24 heads, 4608 tokens) needs less than half of one
+    (H, L, L) float32 matrix of temporaries: each query chunk's softmax is recomputed in the backward.
+    Saving them all (the cause of 172 GiB per H100 for the flux-dev step) takes 3.5 to 3.7 GB here."""
+    mesh = one_chip(target)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    b, l, h, d = 1, 4608, 24, 128
+    qkv = jax.ShapeDtypeStruct((b, l, h, d), jnp.bfloat16, sharding=replicated)
+    pe = (jax.ShapeDtypeStruct((b, l, 1, d // 2), jnp.float32, sharding=replicated),) * 2
+    loss = lambda q, k, v, pe: attention(q, k, v, pe).astype(jnp.float32).sum()  # noqa: E731
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, pe).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < h * l * l * 4 / 2
+
+
+@pytest.mark.parametrize("target", [TPU_8, pytest.param(GPU_8, marks=h100_compiler)])
+def test_reduced_depth_training_step_compiles_for_eight_chips(target):
+    """The distillation step (1 + 1 blocks, 1024 + 16 tokens, bf16 student, remat, fsdp over 8 chips)
+    compiled for the target: teacher, student and both AdamW moments are bf16 and sharded 8 ways, so
+    the arguments per chip are an eighth of four bf16 models, plus the small tensors the rules keep
+    whole (a third more at this width; 0.4% for flux-dev). Unsharded they would be eight times that."""
+    flux = FluxConfig.preset("tiny").replace(hidden_size=256, num_heads=2, axes_dim=(16, 56, 56), depth=1,
+                                             depth_single_blocks=1).with_dtype("bfloat16")
+    config = DistillConfig(text_length=16, latent_height=64, latent_width=64, sampler_steps=2,
+                           student_dtype="bfloat16", remat=True)
+    step = target_step(get_target(target), flux, config, batch_per_device=1, mfu=0.4)
+    model_bytes = 2 * sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Flux(flux, rngs=nnx.Rngs(0))))))
+    assert model_bytes * 4 / 8 <= step["argument_bytes"] < model_bytes * 4 / 8 * 1.5
+    assert step["fits"] and step["headroom"] > 0.99
+    assert step["temp_bytes"] > 0 and step["model_flops_per_device"] > 0 and step["step_seconds_at_mfu"] > 0
+
+
+def test_largest_batch_doubles_then_bisects():
+    limit = 11
+    measured = []
+
+    def measure(batch):
+        measured.append(batch)
+        return {"batch_per_device": batch, "fits": batch <= limit}
+
+    best, results = largest_batch(measure)
+    assert best == limit and measured == [1, 2, 4, 8, 16, 12, 10, 11]
+    assert [r["batch_per_device"] for r in results] == sorted(measured)
+    assert largest_batch(lambda b: {"fits": False})[0] == 0
+
+
+def test_bench_cli_names_bad_flags(capsys):
+    from train.bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--find-batch"])
+    assert "go with --target" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target", "v9-1"])
+    assert exit_info.value.code == 1
+    assert "unknown target 'v9-1'" in capsys.readouterr().err
+
+
+def test_step_model_flops_count_every_forward_of_the_step():
+    """The architecture's matmul count against XLA's cost analysis of the lowered forward, at a size
+    where attention runs in one chunk (cost models count a loop body once) and matmuls dominate."""
+    from flux_jax.memory_report import forward_inputs
+    from train.bench import forward_flops, step_model_flops
+
+    flux = FluxConfig.preset("tiny").replace(hidden_size=512, num_heads=4, axes_dim=(16, 56, 56))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Flux(flux, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
+    lowered = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).lower(state, *forward_inputs(flux, 1, 256, 32))
+    cost = lowered.cost_analysis()
+    counted = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    assert forward_flops(flux, 256, 32) <= counted < 1.1 * forward_flops(flux, 256, 32)
+    config = DistillConfig(latent_height=128, latent_width=128, text_length=512, sampler_steps=28)
+    dev = FluxConfig.preset("flux-dev")
+    assert step_model_flops(dev, config, samples=2) == pytest.approx(2 * (13.5 + 4) * forward_flops(dev, 4096, 512))
