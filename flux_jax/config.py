@@ -14,6 +14,8 @@ class FluxConfig:
 
     `param_dtype` stores the weights, `dtype` is the compute dtype of activations. `remat` recomputes
     each block's activations in the backward pass (training memory), and changes no numbers.
+    `scan_blocks` runs the blocks of each kind through one `lax.scan` (one compiled block instead of
+    57: compile time), at the cost of a stacked copy of the blocks' weights during the call.
     """
 
     in_channels: int = 64
@@ -32,6 +34,7 @@ class FluxConfig:
     param_dtype: str = "bfloat16"
     dtype: str = "bfloat16"
     remat: bool = False
+    scan_blocks: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))

@@ -42,20 +42,27 @@ def test_forward_matches_diffusers(pair, shape):
     assert_close(run_ours(ours, inputs), run_diffusers(reference, inputs))
 
 
-def test_jit_and_remat_give_the_same_output_and_gradients(pair):
+def test_jit_remat_and_scan_give_the_same_output_and_gradients(pair):
     _, ours = pair
     inputs = random_inputs(ours.config, batch=2)
     rematted = nnx.merge(*_split_with_config(ours, ours.config.replace(remat=True)))
+    scanned = nnx.merge(*_split_with_config(ours, ours.config.replace(remat=True, scan_blocks=True)))
 
     def loss(model):
         return jnp.mean(model(**inputs) ** 2)
 
     eager = run_ours(ours, inputs)
     assert_close(np.asarray(nnx.jit(lambda m: m(**inputs))(ours)), eager, rel=1e-5)
+    out, features = nnx.jit(lambda m: m(**inputs, return_features=True))(scanned)
+    reference_out, reference_features = ours(**inputs, return_features=True)
+    assert_close(np.asarray(out), eager, rel=1e-5)
+    assert len(features) == len(reference_features) == ours.config.depth + ours.config.depth_single_blocks
+    for f, r in zip(features, reference_features):
+        assert_close(np.asarray(f), np.asarray(r), rel=1e-5)
     grads = nnx.jit(nnx.grad(loss))(ours)
-    grads_remat = nnx.jit(nnx.grad(loss))(rematted)
-    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()))
+    for variant in (rematted, scanned):
+        for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(nnx.jit(nnx.grad(loss))(variant))):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-4, atol=1e-5 * float(jnp.abs(g).max()))
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 

@@ -116,6 +116,9 @@ def test_packed_forward_equals_the_training_forward(teacher_and_reference, polic
     out_student, out_packed = run_ours(student, inputs), run_ours(packed, inputs)
     if dtype == "float32":
         assert_close(out_packed, out_student, rel=1e-5)
+        for model, out in ((student, out_student), (packed, out_packed)):  # blocks through one lax.scan
+            model.config = model.config.replace(scan_blocks=True)
+            assert_close(run_ours(model, inputs), out, rel=1e-5)
     else:
         assert_close(out_packed, out_student, rel=2e-2)
 

@@ -46,6 +46,7 @@ MID = FluxConfig(hidden_size=1024, num_heads=8, depth=4, depth_single_blocks=8)
 
 def _abstract(flux: FluxConfig, config: DistillConfig):
     policy = QuantPolicy()
+    flux = flux.replace(scan_blocks=config.scan_blocks)
     student_config = flux.replace(param_dtype=config.student_dtype, remat=config.remat)
     teacher = nnx.eval_shape(lambda: Flux(flux, rngs=nnx.Rngs(0)))
     student = nnx.eval_shape(lambda: build(student_config, "student", policy, rngs=nnx.Rngs(0)))
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.preset} distillation step ({flux.depth} double + {flux.depth_single_blocks} single blocks), "
                   f"{config.latent_height * 8}x{config.latent_width * 8}, {config.text_length} text tokens, "
                   f"{config.sampler_steps}-step teacher trajectory, {config.student_dtype} student, remat {config.remat}, "
+                  f"scan {config.scan_blocks}, "
                   f"fsdp over {target.describe()};")
             print(f"  the {target.platform.upper()} compiler's buffer assignment per device (deviceless: not a run"
                   f"{'; no GPU autotuning' if target.platform == 'cuda' else ''}):", flush=True)

@@ -146,6 +146,7 @@ def _setup(config: DistillConfig):
     _check(config, mesh)
     texts = prompt_texts(config)  # a bad prompt file is named before the teacher is loaded or trained
     teacher = load_teacher(config.teacher, mesh, config.seed)
+    teacher.config = teacher.config.replace(scan_blocks=config.scan_blocks)
     return mesh, teacher, load_prompts(config, texts, teacher.config, mesh)
 
 
