@@ -26,7 +26,7 @@ from flax import nnx
 
 from flux_jax.config import PRESETS, FluxConfig
 from flux_jax.sharding import MESH_AXES
-from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, target_devices
+from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices
 from flux_jax.ternary import QuantPolicy, build, ternary_report
 
 PAPER_STORAGE_RATIO = 7.7
@@ -119,14 +119,22 @@ def memory_report(config: FluxConfig, policy: QuantPolicy = QuantPolicy(), *, im
         peak_packed = peak_forward_bytes(config, "packed", policy, **tokens)
         measured = {"backend": jax.devices()[0].platform}
     else:
-        stats = {kind: compiled_forward(config, kind, policy, target, **tokens).memory_analysis()
-                 for kind in ("flux", "packed")}
-        peak_bf16, peak_packed = total_bytes(stats["flux"]), total_bytes(stats["packed"])
-        measured = {"target": target.name, "hbm_bytes": target.hbm_bytes,
-                    **{f"{part}_bytes_{name}": getattr(stats[kind], f"{part}_size_in_bytes")
-                       for kind, name in (("flux", "bf16"), ("packed", "packed")) for part in ("argument", "temp")}}
+        measured = {"target": target.name, "hbm_bytes": target.hbm_bytes}
+        peaks = {}
+        for kind, name in (("flux", "bf16"), ("packed", "packed")):
+            try:
+                stats = compiled_forward(config, kind, policy, target, **tokens).memory_analysis()
+            except jax.errors.JaxRuntimeError as err:
+                if out_of_memory(err) is None:
+                    raise
+                peaks[name], measured[f"refused_{name}"] = None, out_of_memory(err)
+                continue
+            peaks[name] = total_bytes(stats)
+            measured.update({f"{part}_bytes_{name}": getattr(stats, f"{part}_size_in_bytes") for part in ("argument", "temp")})
+        peak_bf16, peak_packed = peaks["bf16"], peaks["packed"]
+    ratio = peak_bf16 / peak_packed if peak_bf16 and peak_packed else None
     return {**report, **tokens, **measured, "peak_bytes_bf16": peak_bf16, "peak_bytes_packed": peak_packed,
-            "memory_ratio": peak_bf16 / peak_packed}
+            "memory_ratio": ratio}
 
 
 def _gb(n: float) -> str:
@@ -162,12 +170,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"memory   {tokens}, whole program compiled for one chip of {target.describe()}")
         print(f"         (the {target.platform.upper()} compiler's buffer assignment, deviceless: not a run"
               f"{'; no GPU autotuning' if target.platform == 'cuda' else ''})")
-    print(f"         bf16 {_gb(r['peak_bytes_bf16'])}   packed {_gb(r['peak_bytes_packed'])}   "
-          f"{r['memory_ratio']:.2f}x less (paper {PAPER_MEMORY_RATIO}x)")
+    if r["memory_ratio"] is not None:
+        print(f"         bf16 {_gb(r['peak_bytes_bf16'])}   packed {_gb(r['peak_bytes_packed'])}   "
+              f"{r['memory_ratio']:.2f}x less (paper {PAPER_MEMORY_RATIO}x)")
     if target is not None:
         for name in ("bf16", "packed"):
-            print(f"         {name:6} arguments {_gb(r[f'argument_bytes_{name}'])}  temporaries "
-                  f"{_gb(r[f'temp_bytes_{name}'])}  {headroom(r[f'peak_bytes_{name}'], target)} "
+            if r[f"peak_bytes_{name}"] is None:
+                print(f"         {name:6} does not fit one chip; the compiler refused it: {r[f'refused_{name}']}")
+                continue
+            print(f"         {name:6} {_gb(r[f'peak_bytes_{name}'])} = arguments {_gb(r[f'argument_bytes_{name}'])} + "
+                  f"temporaries {_gb(r[f'temp_bytes_{name}'])}: {headroom(r[f'peak_bytes_{name}'], target)} "
                   f"in {target.hbm_bytes / 1e9:.1f} GB")
     if args.json:
         print(json.dumps(r))

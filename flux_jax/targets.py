@@ -99,6 +99,13 @@ def target_devices(target: Target) -> list:
                                              topology=target.topology).devices)
 
 
+def out_of_memory(err: Exception) -> str | None:
+    """The compiler's own words when it refused a program for lack of device memory (TPU compilers
+    refuse at compile time), else None."""
+    text = str(err)
+    return text.splitlines()[0] if "RESOURCE_EXHAUSTED" in text else None
+
+
 def headroom(used_bytes: int, target: Target) -> str:
     """'fits with N% headroom' or 'does not fit by X GB' against one chip's HBM."""
     free = target.hbm_bytes - used_bytes

@@ -163,3 +163,19 @@ def test_step_model_flops_count_every_forward_of_the_step():
     config = DistillConfig(latent_height=128, latent_width=128, text_length=512, sampler_steps=28)
     dev = FluxConfig.preset("flux-dev")
     assert step_model_flops(dev, config, samples=2) == pytest.approx(2 * (13.5 + 4) * forward_flops(dev, 4096, 512))
+
+
+def test_a_model_too_large_for_the_chip_is_reported_as_refused(capsys):
+    """9 B parameters: bf16 (18 GB) cannot fit one 16 GB v5e chip and the TPU compiler refuses it at
+    compile time; packed (2.4 GB) fits. The report says so instead of failing."""
+    from flux_jax.memory_report import main
+
+    config = FluxConfig.preset("flux-dev").replace(depth=0, depth_single_blocks=20, hidden_size=6144, num_heads=48,
+                                                   scan_blocks=True)
+    report = memory_report(config, target=get_target(TPU_1), image_tokens=64, text_tokens=16)
+    assert report["peak_bytes_bf16"] is None and "RESOURCE_EXHAUSTED" in report["refused_bf16"]
+    assert report["memory_ratio"] is None
+    assert 2e9 < report["peak_bytes_packed"] < 16e9
+    main(["--config", "tiny", "--target", TPU_1, "--image-tokens", "16", "--text-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "whole program compiled for one chip of v5e-1" in out and "fits with 100% headroom" in out

@@ -35,7 +35,7 @@ from flux_jax.config import PRESETS as FLUX_PRESETS
 from flux_jax.config import FluxConfig
 from flux_jax.memory_report import total_bytes
 from flux_jax.model import Flux
-from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, target_devices
+from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices
 from flux_jax.ternary import QuantPolicy, build
 from train.config import PRESETS, DistillConfig, MeshConfig
 from train.distill import frozen, make_train_step, optimizer_for
@@ -109,18 +109,24 @@ def target_step(target: Target, flux: FluxConfig, config: DistillConfig, batch_p
     devices = target_devices(target)
     mesh = make_mesh(MeshConfig(data=1, fsdp=len(devices), tensor=1), devices)
     config = dataclasses.replace(config, batch_size=batch_per_device * len(devices))
-    compiled, seconds = compile_step(flux, config, mesh)
-    stats = compiled.memory_analysis()
     flops = step_model_flops(flux, config, batch_per_device)
+    result = {"target": target.name, "double_blocks": flux.depth, "single_blocks": flux.depth_single_blocks,
+              "batch_per_device": batch_per_device, "image_tokens": (config.latent_height // 2) * (config.latent_width // 2),
+              "text_tokens": config.text_length, "sampler_steps": config.sampler_steps, "hbm_bytes": target.hbm_bytes,
+              "model_flops_per_device": flops, "mfu": mfu, "step_seconds_at_mfu": flops / (target.peak_flops * mfu)}
+    began = time.perf_counter()
+    try:
+        compiled, seconds = compile_step(flux, config, mesh)
+    except jax.errors.JaxRuntimeError as err:  # TPU compilers refuse what does not fit
+        if out_of_memory(err) is None:
+            raise
+        return {**result, "fits": False, "refused": out_of_memory(err), "compile_seconds": time.perf_counter() - began}
+    stats = compiled.memory_analysis()
     total = total_bytes(stats)
-    return {"target": target.name, "double_blocks": flux.depth, "single_blocks": flux.depth_single_blocks,
-            "batch_per_device": batch_per_device, "image_tokens": (config.latent_height // 2) * (config.latent_width // 2),
-            "text_tokens": config.text_length, "sampler_steps": config.sampler_steps,
-            "argument_bytes": stats.argument_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
+    return {**result, "argument_bytes": stats.argument_size_in_bytes, "temp_bytes": stats.temp_size_in_bytes,
             "output_bytes_not_aliased": stats.output_size_in_bytes - stats.alias_size_in_bytes,
-            "total_bytes": total, "hbm_bytes": target.hbm_bytes, "fits": total <= target.hbm_bytes,
-            "headroom": 1 - total / target.hbm_bytes, "model_flops_per_device": flops, "mfu": mfu,
-            "step_seconds_at_mfu": flops / (target.peak_flops * mfu), "compile_seconds": seconds}
+            "total_bytes": total, "fits": total <= target.hbm_bytes, "headroom": 1 - total / target.hbm_bytes,
+            "compile_seconds": seconds}
 
 
 def largest_batch(measure, *, limit: int = 64) -> tuple[int, list[dict]]:
@@ -145,6 +151,10 @@ def largest_batch(measure, *, limit: int = 64) -> tuple[int, list[dict]]:
 
 def _print_step(r: dict, target: Target) -> None:
     gb = 1e9
+    if "refused" in r:
+        print(f"  batch {r['batch_per_device']}/device: does not fit; the compiler refused it: {r['refused']} "
+              f"(after {r['compile_seconds']:.0f} s)", flush=True)
+        return
     print(f"  batch {r['batch_per_device']}/device: arguments {r['argument_bytes'] / gb:6.2f} GB (teacher, student, "
           f"optimizer state) + temporaries {r['temp_bytes'] / gb:6.2f} GB + outputs {r['output_bytes_not_aliased'] / gb:4.2f} GB"
           f" = {r['total_bytes'] / gb:6.2f} GB of {target.hbm_bytes / gb:.1f} GB: {headroom(r['total_bytes'], target)}; "
