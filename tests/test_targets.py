@@ -121,18 +121,26 @@ def test_reduced_depth_training_step_compiles_for_eight_chips(target):
     assert step["temp_bytes"] > 0 and step["model_flops_per_device"] > 0 and step["step_seconds_at_mfu"] > 0
 
 
-def test_largest_batch_doubles_then_bisects():
-    limit = 11
+@pytest.mark.parametrize("limit, compiles", [
+    (11, [1, 2, 11, 12]),  # the prediction from 1 and 2 samples is the boundary
+    (13, [1, 2, 11, 12, 13, 14]),  # more fits than predicted: step up
+    (8, [1, 2, 8, 9, 10, 11]),  # less: step down
+    (1, [1, 2]),
+    (0, [1]),
+])
+def test_largest_batch_predicts_then_steps(limit, compiles):
+    """A fake compiler: 5 + 10 GB per sample against 120 GB predicts 11 samples; it refuses past
+    `limit` samples, which the search must find, compiling each batch once."""
     measured = []
 
     def measure(batch):
         measured.append(batch)
-        return {"batch_per_device": batch, "fits": batch <= limit}
+        return {"batch_per_device": batch, "fits": batch <= limit, "total_bytes": 5 + 10 * batch, "hbm_bytes": 120}
 
     best, results = largest_batch(measure)
-    assert best == limit and measured == [1, 2, 4, 8, 16, 12, 10, 11]
-    assert [r["batch_per_device"] for r in results] == sorted(measured)
-    assert largest_batch(lambda b: {"fits": False})[0] == 0
+    assert best == limit
+    assert sorted(measured) == compiles
+    assert [r["batch_per_device"] for r in results] == compiles
 
 
 def test_bench_cli_names_bad_flags(capsys):

@@ -3,7 +3,7 @@
     python -m train.bench                                  # mid-size student: time and memory, measured here
     python -m train.bench --target 8xh100                  # flux-dev, 1024x1024, 2 samples per device, 8 H100s
     python -m train.bench --target v5p-64 --batch-per-device 4
-    python -m train.bench --target v5p-64 --find-batch     # the largest batch per device that fits
+    python -m train.bench --target v5p-64 --find-batch     # the largest batch per device that fits (4+ compiles)
     python -m train.bench --target v5p-8 --blocks 2 4      # 2 double + 4 single blocks (quick checks)
 
 Mid-size: width 1024, 4 double + 8 single blocks, 1024 image + 256 text tokens, batch 1, on this
@@ -129,24 +129,34 @@ def target_step(target: Target, flux: FluxConfig, config: DistillConfig, batch_p
             "compile_seconds": seconds}
 
 
-def largest_batch(measure, *, limit: int = 64) -> tuple[int, list[dict]]:
-    """The largest batch per device whose step fits (doubling, then bisection), and every compile's
-    result. `measure(batch)` returns a `target_step` dict."""
+def largest_batch(measure, *, limit: int = 256) -> tuple[int, list[dict]]:
+    """The largest batch per device whose step fits, and every compile's result. Compiles at 1 and 2
+    samples, predicts the boundary from the growth per sample (memory is close to linear in the
+    batch), then steps one sample at a time from the prediction: four compiles when it is right.
+    `measure(batch)` returns a `target_step` dict."""
     results = {}
 
     def fits(batch: int) -> bool:
-        results[batch] = measure(batch)
+        if batch not in results:
+            results[batch] = measure(batch)
         return results[batch]["fits"]
 
-    if not fits(1):
-        return 0, list(results.values())
-    low, high = 1, 2
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low, [results[b] for b in sorted(results)]
+    def found(best: int) -> tuple[int, list[dict]]:
+        return best, [results[b] for b in sorted(results)]
+
+    if not fits(1) or not fits(2):
+        return found(1 if 1 in results and results[1]["fits"] else 0)
+    one, two = results[1], results[2]
+    per_sample = two["total_bytes"] - one["total_bytes"]
+    guess = limit if per_sample <= 0 else int((one["hbm_bytes"] - one["total_bytes"]) // per_sample) + 1
+    guess = min(max(guess, 2), limit)
+    if fits(guess):
+        while guess < limit and fits(guess + 1):
+            guess += 1
+        return found(guess)
+    while not fits(guess - 1):
+        guess -= 1
+    return found(guess - 1)
 
 
 def _print_step(r: dict, target: Target) -> None:
