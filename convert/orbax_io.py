@@ -39,7 +39,8 @@ def write_flux(model: Flux, directory: str | os.PathLike) -> None:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": kind,
-        "config": model.config.to_dict(),
+        # How a run executed the blocks (remat, scan) is its own choice, not the model's: not stored.
+        "config": model.config.replace(remat=False, scan_blocks=False).to_dict(),
         "policy": policy.to_dict() if policy else None,
     }
     with ocp.StandardCheckpointer() as checkpointer:

@@ -94,6 +94,9 @@ def test_orbax_round_trip_keeps_every_weight(reference, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     as_bf16 = load_flux(tmp_path / "ckpt", dtype="bfloat16")
     assert as_bf16.img_in.kernel[...].dtype == jax.numpy.bfloat16 and as_bf16.config.dtype == "bfloat16"
+    model.config = model.config.replace(remat=True, scan_blocks=True)  # a training run's execution choices
+    save_flux(model, tmp_path / "trained")
+    assert load_flux(tmp_path / "trained").config == restored.config  # ... are not the model's
 
 
 def test_dtype_argument_sets_parameter_and_compute_dtype(reference, tmp_path):
