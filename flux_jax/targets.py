@@ -57,11 +57,13 @@ class Target:
 _H100_BYTES = int(re.search(r"device_memory_size: (\d+)", (SPECS / "h100_sxm.txtpb").read_text()).group(1))
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    # TPU slices: v5e and v6e names count chips, v5p names count TensorCores (two per chip).
+    # TPU slices: v5e and v6e names count chips, v5p names count TensorCores (two per chip); "v5p-1"
+    # is one v5p chip, for single-chip figures such as memory_report's.
     Target("v5e-1", "tpu", "v5e:1x1", 1, 16 * 10**9, 197e12),
     Target("v5e-8", "tpu", "v5e:2x4", 8, 16 * 10**9, 197e12),
     Target("v6e-1", "tpu", "v6e:1x1", 1, 32 * 10**9, 918e12),
     Target("v6e-8", "tpu", "v6e:2x4", 8, 32 * 10**9, 918e12),
+    Target("v5p-1", "tpu", "v5p:1x1x1", 1, 95 * 10**9, 459e12),  # one chip: a compile target, not a sold slice
     Target("v5p-8", "tpu", "v5p:2x2x1", 4, 95 * 10**9, 459e12),
     Target("v5p-64", "tpu", "v5p:4x4x2", 32, 95 * 10**9, 459e12),
     # H100 SXM 80GB: memory as XLA's device description gives it (79.1 GiB usable), 989 TFLOP/s dense bf16.
