@@ -3,9 +3,10 @@
 `python -m train.bench --target v5p-64` and `python -m flux_jax.memory_report --target h100` compile
 the real program with the accelerator's own compiler on any machine ("deviceless" ahead-of-time
 compilation: libtpu for TPUs, XLA's GPU pipeline through ptxas for H100s), over compile-only devices
-of the named topology: build a mesh of `target_devices(target)`, lower under `jax.set_mesh(mesh)` (its
-abstract mesh also tells GPU kernels which GPU they compile for), compile. The figures are the compiler's buffer assignment and cost model, not a run;
-no GPU autotuning happens without a GPU (GEMM configurations are untuned).
+of the named topology: build a mesh of `target_devices(target)`, lower under `jax.set_mesh(mesh)`
+(its abstract mesh also tells GPU kernels which GPU they compile for), compile. The figures are the
+compiler's buffer assignment, not a run; no GPU autotuning happens without a GPU (GEMM
+configurations are untuned).
 
 The compilers come with the `tpu` extra (libtpu, which leaves CPU use alone) and the `cuda` extra (the
 CUDA plugin; set JAX_PLATFORMS=cpu before Python starts on a machine without a GPU).

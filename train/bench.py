@@ -88,8 +88,9 @@ def forward_flops(flux: FluxConfig, image_tokens: int, text_tokens: int) -> floa
     modulation = flux.depth * 2 * h * 6 * h + flux.depth_single_blocks * h * 3 * h  # on one vector a sample
     blocks = flux.depth * side * length + flux.depth_single_blocks * single * length + modulation
     attention = (flux.depth + flux.depth_single_blocks) * 2 * length * length * h  # q k^T and p v
+    vectors = (256 * h + h * h) * (2 if flux.guidance_embed else 1) + flux.vec_in_dim * h + h * h + h * 2 * h
     embed = (flux.in_channels * h * image_tokens + flux.context_in_dim * h * text_tokens
-             + h * flux.in_channels * image_tokens + flux.vec_in_dim * h + 2 * 256 * h + 2 * h * h)
+             + h * flux.out_dim * image_tokens + vectors)  # img_in, txt_in, final linear; time, guidance, y, adaLN
     return 2.0 * (blocks + attention + embed)
 
 
