@@ -19,7 +19,6 @@ import importlib.util
 import re
 from pathlib import Path
 
-import jax
 from jax.experimental import topologies
 
 SPECS = Path(__file__).parent / "target_specs"
@@ -92,14 +91,13 @@ def target_devices(target: Target) -> list:
     if target.platform == "tpu":
         single_host = {"chips_per_host_bounds": (1, 1, 1)} if target.chips == 1 else {}
         return list(topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **single_host).devices)
-    try:
-        jax.devices()
-    except RuntimeError as err:
-        raise TargetError(f"the CUDA plugin found no GPU ({err}); on a machine without one, set "
-                          f"JAX_PLATFORMS=cpu before Python starts to compile for {target.name}") from None
     spec = (SPECS / target.spec).read_text()
-    return list(topologies.get_topology_desc(platform="cuda", topology_name="", target_config=spec,
-                                             topology=target.topology).devices)
+    try:
+        return list(topologies.get_topology_desc(platform="cuda", topology_name="", target_config=spec,
+                                                 topology=target.topology).devices)
+    except (NotImplementedError, RuntimeError) as err:  # the plugin failed at cuInit: no GPU here
+        raise TargetError(f"the CUDA plugin did not start ({err}); on a machine without a GPU, set "
+                          f"JAX_PLATFORMS=cpu before Python starts to compile for {target.name}") from None
 
 
 def out_of_memory(err: Exception) -> str | None:

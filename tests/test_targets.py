@@ -4,6 +4,9 @@ JAX_PLATFORMS=cpu). Kernels, the packed model and a reduced-depth training step 
 lowered."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,17 @@ def test_unknown_targets_and_missing_compilers_are_named(monkeypatch):
         target_devices(get_target("8xh100"))
     with pytest.raises(TargetError, match=r'needs the TPU compiler: pip install -e "\.\[tpu\]"'):
         target_devices(get_target("v5p-64"))
+
+
+@h100_compiler
+def test_the_cuda_plugin_without_a_gpu_asks_for_jax_platforms_cpu():
+    """Run where there is no GPU (as CI is): without JAX_PLATFORMS=cpu the CUDA plugin fails at cuInit."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-m", "train.bench", "--target", GPU_1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("train.bench: the CUDA plugin did not start")
+    assert "set JAX_PLATFORMS=cpu before Python starts" in done.stderr
 
 
 def test_headroom_is_against_one_chip():
