@@ -189,12 +189,23 @@ def test_two_processes_on_loopback_complete_a_run_and_write_one_checkpoint(tmp_p
     common = ["smoke", "--steps", "4", "--save-every", "2", "--log-every", "1", "--workdir", str(tmp_path / "run"),
               "--latent-height", "8", "--latent-width", "8", "--sampler-steps", "2", "--coordinator", f"127.0.0.1:{port}",
               "--num-processes", "2"]
-    processes = [subprocess.Popen([sys.executable, "-m", "train.distill", *common, "--process-id", str(i)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=400) for p in processes]
-    for p, (out, err) in zip(processes, outputs):
-        assert p.returncode == 0, err[-3000:]
-        assert "done at step 4" in out
+    # Output to files, not pipes: a process blocked on a full pipe that the test is not reading yet
+    # would stall the other one inside a collective.
+    logs = [(tmp_path / f"process-{i}.out", tmp_path / f"process-{i}.err") for i in range(2)]
+    processes = []
+    for i, (out, err) in enumerate(logs):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            processes.append(subprocess.Popen([sys.executable, "-m", "train.distill", *common, "--process-id", str(i)],
+                                              env=env, stdout=stdout, stderr=stderr))
+    try:
+        for p in processes:
+            p.wait(timeout=400)
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, logs):
+        assert p.returncode == 0, err.read_text()[-3000:]
+        assert "done at step 4" in out.read_text()
     saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
     assert {2, 4} <= set(saved) and max(saved) == 4  # one checkpoint tree per step, written together by both
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
