@@ -43,8 +43,7 @@ def _stage_transient_bytes(module: nnx.Module, fn, *activations: jax.ShapeDtypeS
     graphdef, state = nnx.split(module)
     state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
     stats = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)).lower(state, *activations).compile().memory_analysis()
-    return (stats.argument_size_in_bytes - _bytes(state) + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+    return total_bytes(stats) - _bytes(state)
 
 
 def total_bytes(stats) -> int:

@@ -84,7 +84,7 @@ def test_kernels_compile_at_flux_shapes(target, marker):
             with jax.set_mesh(mesh):
                 compiled = jax.jit(lambda x, p, s, b: ternary_matmul(x, p, s, b)).lower(*specs).compile()
             text = compiled.as_text()
-            if not any(name in text for name in COMPILED_MARKERS[marker]):
+            if not any(kernel in text for kernel in COMPILED_MARKERS[marker]):
                 failures.append((name, m))
             assert compiled.out_info.shape == (m, n)
     assert not failures, f"no kernel in the compiled program for {failures}"
@@ -95,7 +95,7 @@ def test_packed_model_compiles_with_its_kernels_and_less_memory(target, marker):
     config = FluxConfig.preset("tiny").replace(hidden_size=256, num_heads=2, axes_dim=(16, 56, 56))
     compiled = compiled_forward(config.with_dtype("bfloat16"), "packed", QuantPolicy(), get_target(target),
                                 image_tokens=256, text_tokens=16)
-    assert any(name in compiled.as_text() for name in COMPILED_MARKERS[marker])
+    assert any(kernel in compiled.as_text() for kernel in COMPILED_MARKERS[marker])
     report = memory_report(config, target=get_target(target), image_tokens=16, text_tokens=8)
     assert report["target"] == target
     # The weights are what shrinks: 2 bits + a scale per output channel against 16 bits.
