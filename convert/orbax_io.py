@@ -19,7 +19,7 @@ from convert.errors import CheckpointError
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import fill, leaf_sharding
-from flux_jax.ternary import QuantPolicy, build, describe
+from flux_jax.ternary import QuantPolicy, build, describe, runtime_layout, with_layout
 
 FORMAT = "flux_jax"
 FORMAT_VERSION = 1
@@ -35,6 +35,8 @@ def write_flux(model: Flux, directory: str | os.PathLike) -> None:
     """Writes `model` (any kind) into the existing, empty `directory`: the parameters, then the JSON."""
     directory = location(directory)
     kind, policy = describe(model)
+    if kind == "packed":
+        model = with_layout(model, "canonical")  # files hold the canonical layout only
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -99,4 +101,5 @@ def load_flux_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | No
     values = dict(nnx.to_flat_state(state))
     config = stored.with_dtype(dtype) if dtype is not None else stored
     target = nnx.eval_shape(lambda: build(config, kind, policy, rngs=nnx.Rngs(0)))
-    return fill(target, lambda path, _: values[path][...], mesh=mesh)
+    model = fill(target, lambda path, _: values[path][...], mesh=mesh)
+    return with_layout(model, runtime_layout(), mesh=mesh) if kind == "packed" else model

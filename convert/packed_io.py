@@ -22,7 +22,7 @@ from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import fill
-from flux_jax.ternary import PackedTernaryLinear, QuantPolicy, build, describe
+from flux_jax.ternary import QuantPolicy, build, describe, packed_widths, runtime_layout, with_layout
 from pallas_kernels import pack_archive, pack_ternary, unpack_archive, unpack_ternary
 
 PACKED = "flux_jax.packed"
@@ -40,15 +40,12 @@ def file_format(path: Path) -> str | None:
     return found if found in (PACKED, ARCHIVE) else None
 
 
-def _in_features(model: Flux) -> dict[tuple, int]:
-    return {path: module.in_features for path, module in nnx.iter_graph(model) if isinstance(module, PackedTernaryLinear)}
-
-
 def write_packed_safetensors(model: Flux, path: Path, *, archive: bool = False) -> None:
     kind, policy = describe(model)
     if kind != "packed":
         raise CheckpointError(f"{path}: only packed models are written as packed safetensors, got a {kind} model")
-    widths = _in_features(model)
+    model = with_layout(model, "canonical")  # files hold the canonical layout only
+    widths = packed_widths(model)
     tensors = {}
     for leaf_path, var in nnx.to_flat_state(nnx.state(model)):
         value = np.asarray(var[...])
@@ -73,7 +70,7 @@ def load_packed_safetensors(path: Path, *, dtype=None, mesh: Mesh | None = None)
     if dtype is not None:
         config = config.with_dtype(dtype)
     abstract = nnx.eval_shape(lambda: build(config, "packed", policy, rngs=nnx.Rngs(0)))
-    widths = _in_features(abstract)
+    widths = packed_widths(abstract)
     tensors = SafetensorsFiles([path])
     archive = metadata.get("format") == ARCHIVE
 
@@ -93,4 +90,4 @@ def load_packed_safetensors(path: Path, *, dtype=None, mesh: Mesh | None = None)
             raise CheckpointError(f"{path}: tensor {name!r} has shape {value.shape}, expected {tuple(var.shape)}")
         return value
 
-    return fill(abstract, value_of, mesh=mesh)
+    return with_layout(fill(abstract, value_of, mesh=mesh), runtime_layout(), mesh=mesh)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flux_jax.attention import dot_product_attention
 from flux_jax.sharding import param_metadata
 
 Dtype = jnp.dtype | str
@@ -128,33 +129,19 @@ def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
-QUERY_CHUNK = 512
-
-
-# Recomputed in the backward pass: otherwise differentiating the map over chunks keeps every chunk's
-# softmax, the whole (H, L, L) matrix per block, for the backward (2.7 GiB a block for FLUX at 1024x1024).
-_chunk_attention = jax.checkpoint(jax.nn.dot_product_attention)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax.Array], *,
+              implementation: str = "auto", interpret: bool = False) -> jax.Array:
     """RoPE then scaled dot-product attention: q, k, v (B, L, H, D) -> (B, L, H*D).
 
-    `jax.nn.dot_product_attention` over blocks of QUERY_CHUNK queries, one block after another: the
-    (H, chunk, L) logits of one block are live at a time instead of (H, L, L), 2 GB a layer in float32
-    for FLUX at 1024x1024, and each block's are recomputed in the backward rather than saved. (JAX's
-    default implementation is XLA on every platform; a fused flash kernel, cuDNN or TPU splash
-    attention, is not wired in yet.)"""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    The 1/sqrt(D) scale is folded into q's rotation (computed in float32, rounded once). The attention
+    itself is `flux_jax.attention.dot_product_attention`: splash on TPU, cuDNN on GPU, chunked XLA
+    elsewhere, chosen by the platform the program is lowered for (or forced: `implementation`,
+    `interpret` as in `dot_product_attention`)."""
     b, l, h, d = q.shape
-    if l <= QUERY_CHUNK:
-        out = jax.nn.dot_product_attention(q, k, v)
-    else:
-        n = -(-l // QUERY_CHUNK)
-        padded = jnp.pad(q, ((0, 0), (0, n * QUERY_CHUNK - l), (0, 0), (0, 0)))
-        chunks = jnp.moveaxis(padded.reshape(b, n, QUERY_CHUNK, h, d), 1, 0)
-        out = jax.lax.map(lambda chunk: _chunk_attention(chunk, k, v), chunks)
-        out = jnp.moveaxis(out, 0, 1).reshape(b, n * QUERY_CHUNK, h, d)[:, :l]
-    return out.reshape(b, l, h * d)
+    cos, sin = pe
+    scale = 1.0 / math.sqrt(d)
+    q, k = apply_rope(q, (cos * scale, sin * scale)), apply_rope(k, pe)
+    return dot_product_attention(q, k, v, implementation=implementation, interpret=interpret).reshape(b, l, h * d)
 
 
 def split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -27,7 +27,7 @@ from flax import nnx
 from flux_jax.config import PRESETS, FluxConfig
 from flux_jax.sharding import MESH_AXES
 from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices
-from flux_jax.ternary import QuantPolicy, build, ternary_report
+from flux_jax.ternary import QuantPolicy, build, runtime_layout, ternary_report
 
 PAPER_STORAGE_RATIO = 7.7
 PAPER_MEMORY_RATIO = 5.1
@@ -98,7 +98,9 @@ def compiled_forward(config: FluxConfig, kind: str, policy: QuantPolicy | None, 
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
     one_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh):
-        model = nnx.eval_shape(lambda: build(config, kind, policy, rngs=nnx.Rngs(0)))
+        # packed codes in the layout the loaders give on that platform (tiled: kernels read x as it is)
+        layout = runtime_layout(target.platform)
+        model = nnx.eval_shape(lambda: build(config, kind, policy, layout=layout, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one_chip), state)
         inputs = forward_inputs(config, batch, image_tokens, text_tokens, one_chip)

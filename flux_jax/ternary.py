@@ -4,6 +4,11 @@ The training layer keeps a latent float kernel and runs with s * T in the forwar
 codes, passing gradients straight through to the latent kernel (BitNet b1.58). The packed layer keeps
 only the 2-bit codes and a float32 scale and runs through `pallas_kernels.ternary_matmul`. Both keep
 the module path of the dense layer they replace; only the leaves change (kernel -> codes + scale).
+
+A packed model's codes sit in device memory in one layout (`pallas_kernels.packing`): "tiled" where
+the kernels run (TPU, GPU: they read x as it is, no per-call copy), "canonical" where XLA does (CPU).
+Files always hold the canonical layout: loaders and `pack_model` lay the codes out for the platform
+(`runtime_layout`), writers lay them back (`with_layout`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from flux_jax.layers import Dtype, LinearFactory, dense
 from flux_jax.model import Flux
 from flux_jax.params import fill
 from flux_jax.sharding import param_metadata
-from pallas_kernels import pack_ternary, ternary_matmul, unpack_ternary
+from pallas_kernels import pack_ternary, ternary_matmul
+from pallas_kernels.packing import LAYOUTS, from_tiled, tiled_rows, to_tiled, unpack_layout
 
 SCALE_EPS = 1e-5
 
@@ -151,7 +157,8 @@ class TernaryLinear(nnx.Module):
 
 
 class PackedTernaryLinear(nnx.Module):
-    """Packed state: uint8 `codes` (ceil(in/4), out) in the canonical format and float32 `scale`."""
+    """Packed state: uint8 `codes` in `layout` ((ceil(in/4), out) canonical, (tiled_rows(in), out)
+    tiled) and float32 `scale`."""
 
     def __init__(
         self,
@@ -163,45 +170,86 @@ class PackedTernaryLinear(nnx.Module):
         dtype: Dtype,
         param_dtype: Dtype,
         policy: QuantPolicy,
+        layout: str = "canonical",
         rngs: nnx.Rngs,
     ):
         del rngs
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown packed layout {layout!r}; available: {', '.join(LAYOUTS)}")
         self.policy = policy
+        self.layout = layout
         self.dtype = dtype
         self.in_features = in_features
-        rows = -(-in_features // 4)
+        rows = tiled_rows(in_features) if layout == "tiled" else -(-in_features // 4)
         self.codes = Packed(jnp.full((rows, out_features), 0b01010101, jnp.uint8), **param_metadata(axes, (rows, out_features)))
         self.scale = Packed(jnp.ones(policy.scale_shape(out_features), jnp.float32), **_scale_metadata(policy, axes, out_features))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), **param_metadata(axes[1:], (out_features,))) if use_bias else None
         self.lowrank_a, self.lowrank_b = _lowrank_factors(in_features, out_features, policy.lowrank_rank, axes, param_dtype)
 
     def effective_kernel(self) -> jax.Array:
-        codes = unpack_ternary(self.codes[...], self.in_features)
+        codes = unpack_layout(self.codes[...], self.in_features, self.layout)
         return codes.astype(jnp.float32) * self.scale[...] + _lowrank_product(self)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         bias = None if self.bias is None else self.bias[...]
-        return ternary_matmul(x, self.codes[...], self.scale[...], bias) + _lowrank_term(self, x)
+        return ternary_matmul(x, self.codes[...], self.scale[...], bias, layout=self.layout) + _lowrank_term(self, x)
 
 
 def ternary_linear(policy: QuantPolicy = QuantPolicy()) -> LinearFactory:
     return functools.partial(TernaryLinear, policy=policy)
 
 
-def packed_linear(policy: QuantPolicy = QuantPolicy()) -> LinearFactory:
-    return functools.partial(PackedTernaryLinear, policy=policy)
+def packed_linear(policy: QuantPolicy = QuantPolicy(), layout: str = "canonical") -> LinearFactory:
+    return functools.partial(PackedTernaryLinear, policy=policy, layout=layout)
+
+
+def runtime_layout(platform: str | None = None) -> str:
+    """The packed layout for `platform` ("tpu", "gpu"/"cuda", "cpu"; default: JAX's default backend):
+    tiled where the Pallas kernels run, canonical where XLA does."""
+    return "tiled" if (platform or jax.default_backend()) in ("tpu", "gpu", "cuda") else "canonical"
 
 
 KINDS = ("flux", "student", "packed")
 
 
-def build(config: FluxConfig, kind: str = "flux", policy: QuantPolicy | None = None, *, rngs: nnx.Rngs) -> Flux:
-    """A Flux of the given kind: full precision, ternary student, or packed."""
-    factories = {"flux": lambda p: dense, "student": ternary_linear, "packed": packed_linear}
+def build(config: FluxConfig, kind: str = "flux", policy: QuantPolicy | None = None, *, rngs: nnx.Rngs,
+          layout: str = "canonical") -> Flux:
+    """A Flux of the given kind: full precision, ternary student, or packed (codes in `layout`)."""
+    factories = {"flux": lambda p: dense, "student": ternary_linear,
+                 "packed": functools.partial(packed_linear, layout=layout)}
     if kind not in factories:
         raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
     return Flux(config, rngs=rngs, linear=factories[kind](policy or QuantPolicy()))
+
+
+def packed_layout(model: Flux) -> str | None:
+    """The layout of a packed model's codes; None for other kinds."""
+    return next((m.layout for _, m in nnx.iter_graph(model) if isinstance(m, PackedTernaryLinear)), None)
+
+
+def packed_widths(model: Flux) -> dict[tuple, int]:
+    """Module path -> in_features (K) of every packed layer: what unpacking its codes needs."""
+    return {path: m.in_features for path, m in nnx.iter_graph(model) if isinstance(m, PackedTernaryLinear)}
+
+
+def with_layout(model: Flux, layout: str, *, mesh=None) -> Flux:
+    """`model` (packed) with its codes in `layout`, re-laid layer by layer on the devices that hold
+    them; the model itself when they already are. Scales, biases and the rest are carried over."""
+    current = packed_layout(model)
+    if current is None:
+        raise ValueError(f"with_layout needs a packed model, got a {describe(model)[0]} model")
+    if current == layout:
+        return model
+    convert = jax.jit(to_tiled if layout == "tiled" else from_tiled, static_argnums=1)
+    widths = packed_widths(model)
+    values = {path: var[...] for path, var in _flat(nnx.state(model)).items()}
+    abstract = nnx.eval_shape(lambda: build(model.config, "packed", describe(model)[1], layout=layout, rngs=nnx.Rngs(0)))
+
+    def value_of(path, _):
+        return convert(values[path], widths[path[:-1]]) if path[-1] == "codes" else values[path]
+
+    return fill(abstract, value_of, mesh=mesh)
 
 
 def describe(model: Flux) -> tuple[str, QuantPolicy | None]:
@@ -244,17 +292,20 @@ def quantize_model(model: Flux, policy: QuantPolicy = QuantPolicy(), *, config: 
     return fill(abstract, lambda path, _: values[path])
 
 
-def pack_model(student: Flux) -> Flux:
-    """The packed model of a student: 2-bit codes + float32 scales; everything else carried over."""
+def pack_model(student: Flux, layout: str | None = None) -> Flux:
+    """The packed model of a student: 2-bit codes (in `layout`, by default the one for this platform)
+    + float32 scales; everything else carried over."""
     kind, policy = describe(student)
     if kind != "student":
         raise ValueError(f"pack_model needs a ternary student (from quantize_model), got a {kind} model")
-    abstract = nnx.eval_shape(lambda: build(student.config, "packed", policy, rngs=nnx.Rngs(0)))
+    layout = layout or runtime_layout()
+    abstract = nnx.eval_shape(lambda: build(student.config, "packed", policy, layout=layout, rngs=nnx.Rngs(0)))
     values = {path: var[...] for path, var in _flat(nnx.state(student)).items()}
     for path, module in nnx.iter_graph(student):
         if isinstance(module, TernaryLinear):
             codes, scale = ternarize(module.kernel[...], policy.axis)
-            values[(*path, "codes")] = pack_ternary(codes)
+            packed = pack_ternary(codes)
+            values[(*path, "codes")] = to_tiled(packed, codes.shape[0]) if layout == "tiled" else packed
             values[(*path, "scale")] = module.scale[...] if module.scale is not None else scale
             del values[(*path, "kernel")]
     return fill(abstract, lambda path, _: values[path])

@@ -6,6 +6,11 @@ bits 2 * (k % 4). Padding rows hold code 1 (a zero weight).
 
 The archive format, for downloads, stores five weights per byte in base 3 (1.6 bits a weight):
 byte = sum(code_j * 3**j, j < 5) over the row-major flattened codes, padded with code 1.
+
+The tiled layout is how the kernels want the codes in device memory (files stay canonical): K is cut
+into tiles of 4 * TILE_ROWS = 512 entries, and byte row r of tile g holds entries 512g + 128j + r at
+bits 2j. Plane j of a run of byte rows then pairs with a contiguous run of x's columns, so a kernel
+reads x as it is. Rows are padded to whole tiles (code 1).
 """
 
 from __future__ import annotations
@@ -54,6 +59,50 @@ def unpack_ternary(packed, k: int):
     shifts = xp.asarray(_SHIFTS, dtype=xp.uint8)[None, :, None]
     codes = (packed[:, None, :] >> shifts) & xp.uint8(3)
     return (codes.reshape(-1, packed.shape[1])[:k].astype(xp.int8) - xp.int8(1)).astype(xp.int8)
+
+
+LAYOUTS = ("canonical", "tiled")
+TILE_ROWS = 128
+
+
+def tiled_rows(k: int) -> int:
+    """Byte rows of the tiled layout for K entries: whole tiles of TILE_ROWS."""
+    return -(-k // (4 * TILE_ROWS)) * TILE_ROWS
+
+
+def _swap_planes(codes, tiles: int, from_rows: int, to_rows: int):
+    """(tiles * 512, N) codes with entry (g, a, b) -> (g, b, a), a/b of sizes from_rows x to_rows."""
+    xp = _xp(codes)
+    n = codes.shape[1]
+    return xp.swapaxes(codes.reshape(tiles, from_rows, to_rows, n), 1, 2).reshape(tiles * 4 * TILE_ROWS, n)
+
+
+def to_tiled(packed, k: int):
+    """Canonical (ceil(K/4), N) -> tiled (tiled_rows(K), N) uint8."""
+    xp = _xp(packed)
+    codes = unpack_ternary(packed, k)
+    tiles = tiled_rows(k) // TILE_ROWS
+    codes = xp.pad(codes, ((0, tiles * 4 * TILE_ROWS - k), (0, 0)))
+    # canonical byte r, plane j holds entry 4r + j: put entry 128j + r of each tile there instead
+    return pack_ternary(_swap_planes(codes, tiles, 4, TILE_ROWS))
+
+
+def from_tiled(tiled, k: int):
+    """Tiled (tiled_rows(K), N) -> canonical (ceil(K/4), N) uint8."""
+    return pack_ternary(unpack_layout(tiled, k, "tiled"))
+
+
+def unpack_layout(packed, k: int, layout: str):
+    """(rows, N) uint8 in `layout` -> (K, N) int8 codes in {-1, 0, 1}."""
+    if layout == "canonical":
+        return unpack_ternary(packed, k)
+    if layout != "tiled":
+        raise ValueError(f"unknown packed layout {layout!r}; available: {', '.join(LAYOUTS)}")
+    if packed.ndim != 2 or packed.shape[0] != tiled_rows(k):
+        raise ValueError(f"tiled packed weights have {packed.shape[0]} rows; K={k} needs {tiled_rows(k)}")
+    tiles = packed.shape[0] // TILE_ROWS
+    codes = unpack_ternary(packed, tiles * 4 * TILE_ROWS)
+    return _swap_planes(codes, tiles, TILE_ROWS, 4)[:k]
 
 
 def pack_archive(codes):

@@ -1,4 +1,9 @@
-"""`ternary_matmul`: x @ (scale * T) + bias with T read from the canonical 2-bit packed format.
+"""`ternary_matmul`: x @ (scale * T) + bias with T read from 2-bit packed weights.
+
+Layouts (`pallas_kernels.packing`): "canonical" (the files' format) and "tiled" (what the kernels read,
+x as it is). The XLA backend reads either. A kernel given canonical weights re-lays them on every
+call, a transient of the layer's unpacked codes: keep weights tiled on accelerators (`pack_model` and
+`load_flux` do, once, at load time).
 
 Backends: "xla" (the reference: unpack, one dot accumulating in float32, scale and bias after),
 "triton" (GPU kernel), "mosaic_tpu" (TPU kernel), and "auto", which picks by the platform the call is
@@ -17,19 +22,25 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.mosaic_tpu import MosaicBlocks, mosaic_matmul
-from pallas_kernels.packing import unpack_ternary
+from pallas_kernels.packing import LAYOUTS, tiled_rows, to_tiled, unpack_layout
 from pallas_kernels.triton_gpu import TritonBlocks, triton_matmul
 
 BACKENDS = ("auto", "xla", "triton", "mosaic_tpu")
 
 
-def _check(x, packed, scale, bias) -> tuple[int, int]:
+def _rows(k: int, layout: str) -> int:
+    return tiled_rows(k) if layout == "tiled" else -(-k // 4)
+
+
+def _check(x, packed, scale, bias, layout) -> tuple[int, int]:
     k = x.shape[-1]
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown packed layout {layout!r}; available: {', '.join(LAYOUTS)}")
     if packed.ndim != 2 or packed.dtype != jnp.uint8:
-        raise ValueError(f"packed must be 2-D uint8 (ceil(K/4), N), got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[0] != -(-k // 4):
+        raise ValueError(f"packed must be 2-D uint8 (rows, N), got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[0] != _rows(k, layout):
         raise ValueError(f"x has K={k} (shape {tuple(x.shape)}) but packed has {packed.shape[0]} rows "
-                         f"(shape {tuple(packed.shape)}); K={k} needs {-(-k // 4)}")
+                         f"(shape {tuple(packed.shape)}); K={k} needs {_rows(k, layout)} in the {layout} layout")
     n = packed.shape[1]
     if scale.shape not in ((n,), (1,)):
         raise ValueError(f"scale has shape {tuple(scale.shape)}; packed has N={n}, so scale must be ({n},) or (1,)")
@@ -40,39 +51,47 @@ def _check(x, packed, scale, bias) -> tuple[int, int]:
     return k, n
 
 
-def _xla(x, packed, scale, bias):
-    weights = unpack_ternary(packed, x.shape[-1]).astype(x.dtype)
+def _xla(x, packed, scale, bias, layout):
+    weights = unpack_layout(packed, x.shape[-1], layout).astype(x.dtype)
     out = jnp.dot(x, weights, preferred_element_type=jnp.float32) * scale + bias
     return out.astype(x.dtype)
 
 
-def _forward(x, packed, scale, bias, backend: str, interpret: bool, blocks):
+def _kernel(kernel, layout, **options):
+    """`kernel` on weights of `layout`: tiled as they are, canonical re-laid first."""
+    def run(x, packed, scale, bias):
+        tiled = packed if layout == "tiled" else to_tiled(packed, x.shape[-1])
+        return kernel(x, tiled, scale, bias, **options)
+    return run
+
+
+def _forward(x, packed, scale, bias, backend: str, layout: str, interpret: bool, blocks):
     if backend == "xla":
-        return _xla(x, packed, scale, bias)
+        return _xla(x, packed, scale, bias, layout)
     if backend == "triton":
-        return triton_matmul(x, packed, scale, bias, blocks=blocks, interpret=interpret)
+        return _kernel(triton_matmul, layout, blocks=blocks, interpret=interpret)(x, packed, scale, bias)
     if backend == "mosaic_tpu":
-        return mosaic_matmul(x, packed, scale, bias, blocks=blocks, interpret=interpret)
+        return _kernel(mosaic_matmul, layout, blocks=blocks, interpret=interpret)(x, packed, scale, bias)
     return jax.lax.platform_dependent(
         x, packed, scale, bias,
-        cuda=functools.partial(triton_matmul, interpret=False),
-        tpu=functools.partial(mosaic_matmul, interpret=False),
-        default=_xla,
+        cuda=_kernel(triton_matmul, layout),
+        tpu=_kernel(mosaic_matmul, layout),
+        default=functools.partial(_xla, layout=layout),
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _matmul(x, packed, scale, bias, backend, interpret, blocks):
-    return _forward(x, packed, scale, bias, backend, interpret, blocks)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _matmul(x, packed, scale, bias, backend, layout, interpret, blocks):
+    return _forward(x, packed, scale, bias, backend, layout, interpret, blocks)
 
 
-def _matmul_fwd(x, packed, scale, bias, backend, interpret, blocks):
-    return _forward(x, packed, scale, bias, backend, interpret, blocks), (x, packed, scale)
+def _matmul_fwd(x, packed, scale, bias, backend, layout, interpret, blocks):
+    return _forward(x, packed, scale, bias, backend, layout, interpret, blocks), (x, packed, scale)
 
 
-def _matmul_bwd(backend, interpret, blocks, residuals, g):
+def _matmul_bwd(backend, layout, interpret, blocks, residuals, g):
     x, packed, scale = residuals
-    weights = unpack_ternary(packed, x.shape[-1]).astype(jnp.float32)
+    weights = unpack_layout(packed, x.shape[-1], layout).astype(jnp.float32)
     g32 = g.astype(jnp.float32)
     dx = jnp.dot(g32 * scale, weights.T).astype(x.dtype)
     dscale = jnp.sum(jnp.dot(x.astype(jnp.float32), weights) * g32, axis=0)
@@ -82,9 +101,10 @@ def _matmul_bwd(backend, interpret, blocks, residuals, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def ternary_matmul(x, packed, scale, bias=None, *, backend: str = "auto", interpret: bool | None = None,
-                   blocks: TritonBlocks | MosaicBlocks | None = None) -> jax.Array:
-    """x (..., K) bf16/f32, packed (ceil(K/4), N) uint8, scale (N,) or (1,), bias (N,) -> (..., N).
+def ternary_matmul(x, packed, scale, bias=None, *, layout: str = "canonical", backend: str = "auto",
+                   interpret: bool | None = None, blocks: TritonBlocks | MosaicBlocks | None = None) -> jax.Array:
+    """x (..., K) bf16/f32, packed uint8 (ceil(K/4), N) canonical or (tiled_rows(K), N) tiled, scale
+    (N,) or (1,), bias (N,) -> (..., N).
 
     Accumulates in float32 and returns x's dtype. Any M, K and N: blocks are padded inside.
     `interpret=True` runs a kernel backend ("triton", "mosaic_tpu") on CPU; `blocks` overrides that
@@ -92,7 +112,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, backend: str = "auto", interp
     """
     x, packed, scale = jnp.asarray(x), jnp.asarray(packed), jnp.asarray(scale)
     bias = None if bias is None else jnp.asarray(bias)
-    k, n = _check(x, packed, scale, bias)
+    k, n = _check(x, packed, scale, bias, layout)
     if backend not in BACKENDS:
         raise ValueError(f"unknown ternary_matmul backend {backend!r}; available: {', '.join(BACKENDS)}")
     expected = {"triton": TritonBlocks, "mosaic_tpu": MosaicBlocks}.get(backend)
@@ -101,5 +121,5 @@ def ternary_matmul(x, packed, scale, bias=None, *, backend: str = "auto", interp
     scale_n = jnp.broadcast_to(scale.astype(jnp.float32), (n,))
     bias_n = jnp.zeros((n,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     lead = x.shape[:-1]
-    out = _matmul(x.reshape(-1, k), packed, scale_n, bias_n, backend, bool(interpret), blocks)
+    out = _matmul(x.reshape(-1, k), packed, scale_n, bias_n, backend, layout, bool(interpret), blocks)
     return out.reshape(*lead, n)

@@ -1,10 +1,11 @@
-"""pallas_kernels: the canonical 2-bit format and the base-3 archive."""
+"""pallas_kernels: the canonical 2-bit format, the kernels' tiled layout and the base-3 archive."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import pack_archive, pack_ternary, unpack_archive, unpack_ternary
+from pallas_kernels.packing import from_tiled, tiled_rows, to_tiled, unpack_layout
 
 
 def reference_pack(codes: np.ndarray) -> np.ndarray:
@@ -32,6 +33,31 @@ def test_pack_matches_the_format_and_round_trips(k, n):
     np.testing.assert_array_equal(np.asarray(pack_ternary(jnp.asarray(codes))), packed)
     np.testing.assert_array_equal(unpack_ternary(packed, k), codes)
     np.testing.assert_array_equal(np.asarray(unpack_ternary(jnp.asarray(packed), k)), codes)
+
+
+def reference_tiled(codes: np.ndarray) -> np.ndarray:
+    """The tiled layout entry by entry: byte (128 g + r, n) holds entry 512 g + 128 j + r at bits 2j."""
+    k, n = codes.shape
+    out = np.full((tiled_rows(k), n), 0b01010101, np.uint8)
+    for i in range(k):
+        g, j, r = i // 512, (i % 512) // 128, i % 128
+        row = 128 * g + r
+        out[row] = (out[row] & ~np.uint8(3 << 2 * j)) | ((codes[i] + 1).astype(np.uint8) << 2 * j)
+    return out
+
+
+@pytest.mark.parametrize("k", [5, 130, 512, 1100])
+def test_tiled_layout_matches_its_definition_and_round_trips(k):
+    codes = np.random.default_rng(k).integers(-1, 2, (k, 3)).astype(np.int8)
+    packed = pack_ternary(codes)
+    tiled = to_tiled(packed, k)
+    np.testing.assert_array_equal(tiled, reference_tiled(codes))
+    np.testing.assert_array_equal(np.asarray(to_tiled(jnp.asarray(packed), k)), tiled)
+    np.testing.assert_array_equal(unpack_layout(tiled, k, "tiled"), codes)
+    np.testing.assert_array_equal(unpack_layout(packed, k, "canonical"), codes)
+    np.testing.assert_array_equal(from_tiled(tiled, k), packed)
+    with pytest.raises(ValueError, match=f"K={k} needs {tiled_rows(k)}"):
+        unpack_layout(tiled[:-1], k, "tiled")
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 4), (5, 5), (7, 3), (13, 11)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from convert import load_flux
+from convert import load_flux, save_flux
 from flux_jax import Flux, FluxConfig
 from flux_jax.ternary import (
     PackedTernaryLinear,
@@ -15,10 +15,14 @@ from flux_jax.ternary import (
     TernaryLinear,
     build,
     pack_model,
+    packed_layout,
     quantize_model,
+    runtime_layout,
     ternarize,
     ternary_report,
+    with_layout,
 )
+from pallas_kernels.packing import tiled_rows
 from tests.torch_reference import TINY_DEV, assert_close, diffusers_model, random_inputs, run_diffusers, run_ours
 
 
@@ -149,6 +153,29 @@ def test_pack_model_refuses_what_is_not_a_student(teacher_and_reference):
         pack_model(teacher)
     with pytest.raises(ValueError, match="needs a ternary student"):
         pack_model(pack_model(quantize_model(teacher)))
+
+
+def test_tiled_packed_model_computes_the_same_and_is_saved_canonical(teacher_and_reference, tmp_path):
+    """The kernels' layout is a property of the model in memory: same outputs (XLA reads either layout
+    on CPU), the files hold the canonical layout, and loading lays codes out for this platform."""
+    teacher, _ = teacher_and_reference
+    student = quantize_model(teacher)
+    canonical, tiled = pack_model(student, layout="canonical"), pack_model(student, layout="tiled")
+    assert runtime_layout() == "canonical" and packed_layout(pack_model(student)) == "canonical"
+    assert runtime_layout("tpu") == runtime_layout("gpu") == "tiled"
+    layer = tiled.single_blocks[0].linear2
+    assert packed_layout(tiled) == "tiled" and layer.codes[...].shape[0] == tiled_rows(layer.in_features)
+    inputs = random_inputs(TINY_DEV)
+    assert_close(run_ours(tiled, inputs), run_ours(canonical, inputs), rel=1e-6)
+    round_trip = with_layout(tiled, "canonical")
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(round_trip)), nnx.to_pure_dict(nnx.state(canonical)))
+    save_flux(tiled, tmp_path / "packed")
+    loaded = load_flux(tmp_path / "packed")
+    assert packed_layout(loaded) == "canonical" and packed_layout(tiled) == "tiled"
+    np.testing.assert_array_equal(np.asarray(loaded.single_blocks[0].linear2.codes[...]),
+                                  np.asarray(canonical.single_blocks[0].linear2.codes[...]))
+    with pytest.raises(ValueError, match="needs a packed model"):
+        with_layout(student, "tiled")
 
 
 def test_report_counts_tiny_by_hand_and_flux_dev_exactly():

@@ -10,6 +10,7 @@ import pytest
 from jax import export
 
 from pallas_kernels import gpu_lowering_target, pack_ternary, ternary_matmul
+from pallas_kernels.packing import tiled_rows, to_tiled
 from pallas_kernels.mosaic_tpu import MosaicBlocks
 from pallas_kernels.triton_gpu import TritonBlocks
 
@@ -40,6 +41,12 @@ def operands(m, k, n, *, per_channel=True, with_bias=True, lead=(), seed=0):
     return x, codes, scale, bias
 
 
+def packed_in(layout, codes):
+    """The codes packed in `layout`: the kernels read tiled weights as they are, canonical re-laid."""
+    packed = pack_ternary(codes)
+    return to_tiled(packed, codes.shape[0]) if layout == "tiled" else packed
+
+
 def check(out, x, codes, scale, bias, dtype):
     assert out.dtype == dtype
     expected = reference(np.asarray(jnp.asarray(x, dtype), np.float32), codes, scale, bias)
@@ -51,22 +58,26 @@ def check(out, x, codes, scale, bias, dtype):
 @pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (17, 300, 200)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("per_channel, with_bias", [(True, True), (False, False)], ids=["channel+bias", "tensor"])
-def test_backend_matches_numpy(backend, m, k, n, dtype, per_channel, with_bias):
+@pytest.mark.parametrize("layout", ["canonical", "tiled"])
+def test_backend_matches_numpy(backend, m, k, n, dtype, per_channel, with_bias, layout):
     x, codes, scale, bias = operands(m, k, n, per_channel=per_channel, with_bias=with_bias)
-    out = ternary_matmul(jnp.asarray(x, dtype), pack_ternary(codes), scale, bias, backend=backend, interpret=True)
+    out = ternary_matmul(jnp.asarray(x, dtype), packed_in(layout, codes), scale, bias, layout=layout,
+                         backend=backend, interpret=True)
     check(out, x, codes, scale, bias, dtype)
 
 
 @pytest.mark.parametrize(
     "backend, blocks, k",
     [
-        ("triton", TritonBlocks(bm=16, bn=16, bkr=16, num_warps=4, num_stages=2), 300),
-        ("mosaic_tpu", MosaicBlocks(bm=16, bn=128, bkr=128), 1100),
+        ("triton", TritonBlocks(bm=16, bn=16, bkr=16, num_warps=4, num_stages=2), 1100),  # 8 steps a tile
+        ("mosaic_tpu", MosaicBlocks(bm=16, bn=128, bkr=128), 1100),  # one tile a step, the last one partial
+        ("mosaic_tpu", MosaicBlocks(bm=16, bn=128, bkr=256), 2000),  # two tiles a step
     ],
 )
 def test_kernel_walks_several_tiles_and_k_steps(backend, blocks, k):
     x, codes, scale, bias = operands(40, k, 300)  # 3 M tiles, several N tiles, several K steps
-    out = ternary_matmul(jnp.asarray(x), pack_ternary(codes), scale, bias, backend=backend, interpret=True, blocks=blocks)
+    out = ternary_matmul(jnp.asarray(x), packed_in("tiled", codes), scale, bias, layout="tiled", backend=backend,
+                         interpret=True, blocks=blocks)
     check(out, x, codes, scale, bias, jnp.float32)
 
 
@@ -81,13 +92,14 @@ def test_batched_leading_dimensions_under_jit_and_vmap(backend):
 
 
 @pytest.mark.parametrize("backend", ["xla", "triton"])
-def test_gradients_with_respect_to_x_scale_and_bias(backend):
+@pytest.mark.parametrize("layout", ["canonical", "tiled"])
+def test_gradients_with_respect_to_x_scale_and_bias(backend, layout):
     x, codes, scale, bias = operands(4, 9, 6)
     g = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
-    packed = pack_ternary(codes)
+    packed = packed_in(layout, codes)
 
     def loss(x, scale, bias):
-        return jnp.sum(ternary_matmul(x, packed, scale, bias, backend=backend, interpret=True) * g)
+        return jnp.sum(ternary_matmul(x, packed, scale, bias, layout=layout, backend=backend, interpret=True) * g)
 
     dx, dscale, dbias = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
     np.testing.assert_allclose(np.asarray(dx), (g * scale) @ codes.T, rtol=1e-5, atol=1e-5)
@@ -114,15 +126,16 @@ ODD = {"odd": (130, 33), "tiny": (5, 7)}
 @pytest.mark.parametrize("platform, marker", KERNEL_MARKERS)
 @pytest.mark.parametrize("name", [*FLUX_DEV_LAYERS, *ODD])
 @pytest.mark.parametrize("m", [1, 4608])
-def test_default_call_lowers_to_the_kernel(platform, marker, name, m):
+@pytest.mark.parametrize("layout", ["canonical", "tiled"])
+def test_default_call_lowers_to_the_kernel(platform, marker, name, m, layout):
     k, n = {**FLUX_DEV_LAYERS, **ODD}[name]
     args = (
         jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
-        jax.ShapeDtypeStruct((-(-k // 4), n), jnp.uint8),
+        jax.ShapeDtypeStruct((tiled_rows(k) if layout == "tiled" else -(-k // 4), n), jnp.uint8),
         jax.ShapeDtypeStruct((n,), jnp.float32),
         jax.ShapeDtypeStruct((n,), jnp.float32),
     )
-    exported = export_for(platform, lambda x, p, s, b: ternary_matmul(x, p, s, b), *args)
+    exported = export_for(platform, lambda x, p, s, b: ternary_matmul(x, p, s, b, layout=layout), *args)
     text = exported.mlir_module()
     assert marker in text
     assert exported.out_avals[0].shape == (m, n)
@@ -136,7 +149,7 @@ def test_packed_flux_lowers_its_layers_to_kernels_for_both_platforms():
     from tests.torch_reference import random_inputs
 
     config = FluxConfig.preset("tiny")
-    model = nnx.eval_shape(lambda: build(config, "packed", rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build(config, "packed", layout="tiled", rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     inputs = random_inputs(config, batch=1)
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
@@ -167,13 +180,20 @@ def test_bad_arguments_are_named(kwargs, message):
 @pytest.mark.parametrize(
     "x_shape, packed_shape, scale_shape, message",
     [
-        ((2, 9), (2, 4), (4,), r"K=9 .* packed has 2 rows"),
+        ((2, 9), (2, 4), (4,), r"K=9 .* packed has 2 rows.*needs 3 in the canonical layout"),
         ((2, 8), (2, 4), (3,), r"scale has shape \(3,\); packed has N=4"),
     ],
 )
 def test_shapes_that_do_not_fit_name_both(x_shape, packed_shape, scale_shape, message):
     with pytest.raises(ValueError, match=message):
         ternary_matmul(np.zeros(x_shape, np.float32), np.zeros(packed_shape, np.uint8), np.ones(scale_shape, np.float32))
+
+
+def test_tiled_weights_of_the_wrong_height_and_unknown_layouts_are_named():
+    with pytest.raises(ValueError, match=r"K=600 .* packed has 150 rows.*needs 256 in the tiled layout"):
+        ternary_matmul(np.zeros((2, 600), np.float32), np.zeros((150, 4), np.uint8), np.ones(4, np.float32), layout="tiled")
+    with pytest.raises(ValueError, match="unknown packed layout 'planar'"):
+        ternary_matmul(np.zeros((2, 8), np.float32), np.zeros((2, 4), np.uint8), np.ones(4, np.float32), layout="planar")
 
 
 def test_kernel_bench_runs_and_says_it_is_interpret_mode_on_cpu(capsys):
