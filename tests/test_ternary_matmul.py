@@ -54,16 +54,24 @@ def check(out, x, codes, scale, bias, dtype):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("backend", ["xla", *KERNELS])
+# XLA reads both layouts; the kernels read tiled codes (canonical ones are re-laid first: checked once
+# per kernel in test_kernels_re_lay_canonical_codes).
+@pytest.mark.parametrize("backend, layout", [("xla", "canonical"), ("xla", "tiled"), *((b, "tiled") for b in KERNELS)])
 @pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (17, 300, 200)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("per_channel, with_bias", [(True, True), (False, False)], ids=["channel+bias", "tensor"])
-@pytest.mark.parametrize("layout", ["canonical", "tiled"])
-def test_backend_matches_numpy(backend, m, k, n, dtype, per_channel, with_bias, layout):
+def test_backend_matches_numpy(backend, layout, m, k, n, dtype, per_channel, with_bias):
     x, codes, scale, bias = operands(m, k, n, per_channel=per_channel, with_bias=with_bias)
     out = ternary_matmul(jnp.asarray(x, dtype), packed_in(layout, codes), scale, bias, layout=layout,
                          backend=backend, interpret=True)
     check(out, x, codes, scale, bias, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernels_re_lay_canonical_codes(backend):
+    x, codes, scale, bias = operands(17, 300, 200)
+    out = ternary_matmul(jnp.asarray(x), packed_in("canonical", codes), scale, bias, backend=backend, interpret=True)
+    check(out, x, codes, scale, bias, jnp.float32)
 
 
 @pytest.mark.parametrize(
