@@ -51,10 +51,16 @@ class Target:
 
     @property
     def kind_name(self) -> str:
-        return {"tpu": f"TPU {self.topology.split(':')[0]}", "cuda": "H100 SXM"}[self.platform]
+        return f"TPU {self.topology.split(':')[0]}" if self.platform == "tpu" else _spec_field(self.spec, "name")
 
 
-_H100_BYTES = int(re.search(r"device_memory_size: (\d+)", (SPECS / "h100_sxm.txtpb").read_text()).group(1))
+def _spec_field(spec: str, field: str) -> str:
+    """One field of a GPU device description in target_specs/."""
+    return re.search(rf'^\s*{field}: "?([^"\n]+)"?$', (SPECS / spec).read_text(), re.MULTILINE).group(1)
+
+
+_H100_BYTES = int(_spec_field("h100_sxm.txtpb", "device_memory_size"))
+_A100_BYTES = int(_spec_field("a100_sxm.txtpb", "device_memory_size"))
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     # TPU slices: v5e and v6e names count chips, v5p names count TensorCores (two per chip); "v5p-1"
@@ -69,6 +75,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     # H100 SXM 80GB: memory as XLA's device description gives it (79.1 GiB usable), 989 TFLOP/s dense bf16.
     Target("h100", "cuda", "1x1x1", 1, _H100_BYTES, 989e12, spec="h100_sxm.txtpb"),
     Target("8xh100", "cuda", "1x1x8", 8, _H100_BYTES, 989e12, spec="h100_sxm.txtpb"),
+    # A100 SXM 80GB (sm_80: the Triton kernel's GPUs), 312 TFLOP/s dense bf16.
+    Target("a100", "cuda", "1x1x1", 1, _A100_BYTES, 312e12, spec="a100_sxm.txtpb"),
 )}
 
 

@@ -3,8 +3,9 @@
     python -m pallas_kernels.bench                          # FLUX.1-dev layer shapes, M in {1, 16, 64, 256, 4608}
     python -m pallas_kernels.bench --m 1 16 --layers qkv mlp_out --repeats 20
 
-On GPU the kernel is the Triton one, on TPU the Mosaic one; the weight-stream column is the packed
-bytes read per second as a fraction of the device's peak memory bandwidth (from the table below).
+On a Hopper or newer GPU both GPU kernels run (Mosaic GPU and Triton), on older GPUs Triton, on TPU
+the Mosaic one; the weight-stream column is the packed bytes read per second as a fraction of the
+device's peak memory bandwidth (from the table below).
 On CPU the kernel can only run in interpret mode: the run checks that everything works and says so,
 and its timings are no performance figure.
 """
@@ -50,7 +51,15 @@ PEAK_BANDWIDTH = {
     "TPU v6 lite": 1.64e12,
     "TPU v6e": 1.64e12,
 }
-KERNEL_BACKEND = {"gpu": "triton", "tpu": "mosaic_tpu"}
+
+
+def kernel_backends(device) -> list[str]:
+    """The kernels this device runs; on CPU, Triton's in interpret mode."""
+    if device.platform == "tpu":
+        return ["mosaic_tpu"]
+    if device.platform == "gpu" and tuple(map(int, device.compute_capability.split(".")[:2])) >= (9, 0):
+        return ["mosaic_gpu", "triton"]
+    return ["triton"]
 
 
 def _median_seconds(fn, args, repeats: int) -> float:
@@ -92,27 +101,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10; 1 on CPU)")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
-    interpret = device.platform not in KERNEL_BACKEND
-    backend = KERNEL_BACKEND.get(device.platform, "triton")
+    interpret = device.platform not in ("gpu", "tpu")
+    backends = kernel_backends(device)
     ms = args.m or ([1] if interpret else [1, 16, 64, 256, 4608])
     repeats = args.repeats or (1 if interpret else 10)
     if min(ms) < 1 or repeats < 1:
         parser.error("--m and --repeats must be at least 1")
     peak = PEAK_BANDWIDTH.get(device.device_kind)
-    print(f"device: {device.device_kind} ({device.platform}); kernel backend: {backend}"
+    print(f"device: {device.device_kind} ({device.platform}); kernel backends: {', '.join(backends)}"
           + (f"; peak bandwidth {peak / 1e12:.2f} TB/s" if peak else "; peak bandwidth unknown for this device"))
     if interpret:
         print("NOTE: no GPU or TPU here: the kernel runs in interpret mode (an emulator). These timings check "
               "that the benchmark runs; they are no performance figure.")
-    print(f"{'layer':>10} {'K':>6} {'N':>6} {'M':>5} | {'kernel ms':>10} {'xla ms':>9} {'bf16 ms':>9} | "
+    print(f"{'layer':>10} {'kernel':>10} {'K':>6} {'N':>6} {'M':>5} | {'kernel ms':>10} {'xla ms':>9} {'bf16 ms':>9} | "
           f"{'vs bf16':>7} {'vs xla':>7} {'weight GB/s':>11} {'of peak':>7} | rel err")
     for name in args.layers:
         k, n = LAYERS[name]
-        for m in ms:
+        for m, backend in ((m, backend) for m in ms for backend in backends):
             r = measure(k, n, m, repeats=repeats, backend=backend, interpret=interpret)
             stream = r["packed_bytes"] / r["kernel_s"]
             frac = f"{100 * stream / peak:6.1f}%" if peak else "    n/a"
-            print(f"{name:>10} {k:>6} {n:>6} {m:>5} | {1e3 * r['kernel_s']:>10.3f} {1e3 * r['xla_s']:>9.3f} "
+            print(f"{name:>10} {backend:>10} {k:>6} {n:>6} {m:>5} | {1e3 * r['kernel_s']:>10.3f} {1e3 * r['xla_s']:>9.3f} "
                   f"{1e3 * r['dense_s']:>9.3f} | {r['dense_s'] / r['kernel_s']:>6.2f}x {r['xla_s'] / r['kernel_s']:>6.2f}x "
                   f"{stream / 1e9:>11.1f} {frac} | {r['rel_err']:.1e}", flush=True)
 

@@ -6,9 +6,12 @@ call, a transient of the layer's unpacked codes: keep weights tiled on accelerat
 `load_flux` do, once, at load time).
 
 Backends: "xla" (the reference: unpack, one dot accumulating in float32, scale and bias after),
-"triton" (GPU kernel), "mosaic_tpu" (TPU kernel), and "auto", which picks by the platform the call is
-lowered for (Triton on cuda, Mosaic on tpu, XLA elsewhere) through `jax.lax.platform_dependent`, so
-an exported or serialized model carries the right kernel for each platform.
+"mosaic_gpu" (Hopper and newer, bf16/f16), "triton" (older GPUs, and float32), "mosaic_tpu" (TPU
+kernel), and "auto", which picks by the platform the call is lowered for through
+`jax.lax.platform_dependent` (so an exported model carries the right kernel for each platform): on
+cuda, Mosaic GPU for compute capability 9.0 and up (the device lowered for, deviceless compiles
+included: `pallas_kernels.lowering.gpu_compute_capability`) and Triton below it or when unknown; Mosaic
+on tpu; XLA elsewhere.
 
 Differentiation: a custom VJP gives gradients with respect to x, scale and bias (computed with XLA
 from the packed weights); the packed codes are integers and have none.
@@ -21,11 +24,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lowering import gpu_compute_capability
+from pallas_kernels.mosaic_gpu import DTYPES as MOSAIC_GPU_DTYPES
+from pallas_kernels.mosaic_gpu import MosaicGPUBlocks, mosaic_gpu_matmul
 from pallas_kernels.mosaic_tpu import MosaicBlocks, mosaic_matmul
 from pallas_kernels.packing import LAYOUTS, tiled_rows, to_tiled, unpack_layout
 from pallas_kernels.triton_gpu import TritonBlocks, triton_matmul
 
-BACKENDS = ("auto", "xla", "triton", "mosaic_tpu")
+BACKENDS = ("auto", "xla", "mosaic_gpu", "triton", "mosaic_tpu")
 
 
 def _rows(k: int, layout: str) -> int:
@@ -65,16 +71,25 @@ def _kernel(kernel, layout, **options):
     return run
 
 
+def _gpu(x, packed, scale, bias, layout):
+    """The cuda branch: Mosaic GPU on Hopper and newer for 16-bit activations, Triton otherwise."""
+    capability = gpu_compute_capability()
+    hopper = capability is not None and capability >= (9, 0) and x.dtype in MOSAIC_GPU_DTYPES
+    return _kernel(mosaic_gpu_matmul if hopper else triton_matmul, layout)(x, packed, scale, bias)
+
+
 def _forward(x, packed, scale, bias, backend: str, layout: str, interpret: bool, blocks):
     if backend == "xla":
         return _xla(x, packed, scale, bias, layout)
+    if backend == "mosaic_gpu":
+        return _kernel(mosaic_gpu_matmul, layout, blocks=blocks, interpret=interpret)(x, packed, scale, bias)
     if backend == "triton":
         return _kernel(triton_matmul, layout, blocks=blocks, interpret=interpret)(x, packed, scale, bias)
     if backend == "mosaic_tpu":
         return _kernel(mosaic_matmul, layout, blocks=blocks, interpret=interpret)(x, packed, scale, bias)
     return jax.lax.platform_dependent(
         x, packed, scale, bias,
-        cuda=_kernel(triton_matmul, layout),
+        cuda=functools.partial(_gpu, layout=layout),
         tpu=_kernel(mosaic_matmul, layout),
         default=functools.partial(_xla, layout=layout),
     )
@@ -102,12 +117,14 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def ternary_matmul(x, packed, scale, bias=None, *, layout: str = "canonical", backend: str = "auto",
-                   interpret: bool | None = None, blocks: TritonBlocks | MosaicBlocks | None = None) -> jax.Array:
+                   interpret: bool | None = None,
+                   blocks: MosaicGPUBlocks | TritonBlocks | MosaicBlocks | None = None) -> jax.Array:
     """x (..., K) bf16/f32, packed uint8 (ceil(K/4), N) canonical or (tiled_rows(K), N) tiled, scale
     (N,) or (1,), bias (N,) -> (..., N).
 
     Accumulates in float32 and returns x's dtype. Any M, K and N: blocks are padded inside.
-    `interpret=True` runs a kernel backend ("triton", "mosaic_tpu") on CPU; `blocks` overrides that
+    `interpret=True` runs a kernel backend on CPU ("mosaic_gpu" where JAX has its GPU interpreter,
+    "triton", "mosaic_tpu"); `blocks` overrides that
     backend's tile table. Shapes that do not fit raise ValueError naming both.
     """
     x, packed, scale = jnp.asarray(x), jnp.asarray(packed), jnp.asarray(scale)
@@ -115,7 +132,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, layout: str = "canonical", ba
     k, n = _check(x, packed, scale, bias, layout)
     if backend not in BACKENDS:
         raise ValueError(f"unknown ternary_matmul backend {backend!r}; available: {', '.join(BACKENDS)}")
-    expected = {"triton": TritonBlocks, "mosaic_tpu": MosaicBlocks}.get(backend)
+    expected = {"mosaic_gpu": MosaicGPUBlocks, "triton": TritonBlocks, "mosaic_tpu": MosaicBlocks}.get(backend)
     if blocks is not None and (expected is None or not isinstance(blocks, expected)):
         raise ValueError(f"blocks {blocks!r} do not belong to backend {backend!r}")
     scale_n = jnp.broadcast_to(scale.astype(jnp.float32), (n,))

@@ -1,7 +1,7 @@
 """The accelerators' own compilers, deviceless: the TPU compiler (libtpu, in the test extra) and the
-H100 compiler (the cuda extra; tests marked `h100_compiler` run in CI's second venv, with
-JAX_PLATFORMS=cpu). Kernels, the packed model and a reduced-depth training step are compiled, not just
-lowered."""
+CUDA compiler for an H100 (the Mosaic GPU kernel) and an A100 (Triton): the cuda extra; tests marked
+`h100_compiler` run in CI's CUDA venvs, with JAX_PLATFORMS=cpu. Kernels, the packed model and a
+reduced-depth training step are compiled, not just lowered."""
 
 import importlib.util
 import os
@@ -27,9 +27,11 @@ from train.config import DistillConfig
 h100_compiler = pytest.mark.h100_compiler
 TPU_1, TPU_8, GPU_1, GPU_8 = "v5e-1", "v5e-8", "h100", "8xh100"
 PLATFORMS = [pytest.param(TPU_1, "tpu_custom_call", id="tpu"),
-             pytest.param(GPU_1, "__gpu$xla.gpu.triton", id="h100", marks=h100_compiler)]
-# After compilation the H100's Triton kernel is a custom call to its own cubin; either name is the kernel.
-COMPILED_MARKERS = {"tpu_custom_call": ("tpu_custom_call",), "__gpu$xla.gpu.triton": ("__gpu$xla.gpu.triton", "triton")}
+             pytest.param(GPU_1, "mosaic_gpu", id="h100", marks=h100_compiler),
+             pytest.param("a100", "__gpu$xla.gpu.triton", id="a100", marks=h100_compiler)]
+# After compilation the Triton kernel is a custom call to its own cubin; either name is the kernel.
+COMPILED_MARKERS = {"tpu_custom_call": ("tpu_custom_call",), "mosaic_gpu": ("mosaic_gpu",),
+                    "__gpu$xla.gpu.triton": ("__gpu$xla.gpu.triton", "triton")}
 
 
 def one_chip(name):

@@ -1,5 +1,6 @@
 """ternary_matmul: every backend against a NumPy float64 reference (kernels in interpret mode), and
-the kernels lowered for cuda and tpu from this CPU machine with jax.export."""
+the kernels lowered for cuda (an H100: Mosaic GPU; an A100: Triton) and tpu from this CPU machine
+with jax.export."""
 
 import contextlib
 
@@ -9,18 +10,25 @@ import numpy as np
 import pytest
 from jax import export
 
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
 from pallas_kernels import gpu_lowering_target, pack_ternary, ternary_matmul
+from pallas_kernels.lowering import A100, H100
+from pallas_kernels.mosaic_gpu import MosaicGPUBlocks
 from pallas_kernels.packing import tiled_rows, to_tiled
 from pallas_kernels.mosaic_tpu import MosaicBlocks
 from pallas_kernels.triton_gpu import TritonBlocks
 
 KERNELS = ["triton", "mosaic_tpu"]
-KERNEL_MARKERS = [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")]
+KERNEL_MARKERS = [("cuda", H100, "mosaic_gpu"), ("cuda", A100, "__gpu$xla.gpu.triton"), ("tpu", None, "tpu_custom_call")]
+KERNEL_IDS = ["h100-mosaic_gpu", "a100-triton", "tpu"]
+GPU_INTERPRETER = pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"),
+                                     reason="this JAX (0.10.2) has no public GPU interpreter for Mosaic GPU kernels")
 
 
-def export_for(platform, fn, *specs):
-    """`fn` lowered for `platform` from this CPU machine (an H100 as the GPU target)."""
-    with gpu_lowering_target() if platform == "cuda" else contextlib.nullcontext():
+def export_for(platform, fn, *specs, gpu=H100):
+    """`fn` lowered for `platform` from this CPU machine (`gpu` as the GPU it is lowered for)."""
+    with gpu_lowering_target(gpu) if platform == "cuda" else contextlib.nullcontext():
         return export.export(
             jax.jit(fn), platforms=[platform],
             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
@@ -115,6 +123,38 @@ def test_gradients_with_respect_to_x_scale_and_bias(backend, layout):
     np.testing.assert_allclose(np.asarray(dbias), g.sum(0), rtol=1e-6)
 
 
+@GPU_INTERPRETER
+@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (70, 600, 200), (1, 3072, 3072), (16, 3072, 3072),
+                                     (256, 3072, 3072), (16, 15360, 128)])
+def test_mosaic_gpu_matches_numpy_in_gpu_interpret_mode(m, k, n):
+    """Odd shapes and FLUX's projection (3072 x 3072) at the token counts of inference, and linear2's
+    K (15360, a slice of its N). bf16 in, float32 accumulation, bf16 out: within the output's rounding (2^-8 relative)."""
+    x, codes, scale, bias = operands(m, k, n)
+    out = ternary_matmul(jnp.asarray(x, jnp.bfloat16), packed_in("tiled", codes), scale, bias, layout="tiled",
+                         backend="mosaic_gpu", interpret=True)
+    expected = reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), codes, scale, bias)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2**-8, atol=2**-8 * np.abs(expected).max())
+
+
+@GPU_INTERPRETER
+def test_mosaic_gpu_is_exact_on_integer_products_over_several_blocks_and_steps():
+    """x in {-1, 0, 1}, unit scale, no bias: every product and sum is an integer below 256, exact in
+    bf16, so the kernel must equal the reference exactly, here with several M and N blocks and K steps."""
+    rng = np.random.default_rng(3)
+    codes = rng.integers(-1, 2, (1100, 200)).astype(np.int8)
+    x = rng.integers(-1, 2, (130, 1100)).astype(np.float32) * (rng.random((130, 1100)) < 0.2)
+    blocks = MosaicGPUBlocks(bm=64, bn=64, stages=2)
+    out = ternary_matmul(jnp.asarray(x, jnp.bfloat16), packed_in("tiled", codes), np.ones(200, np.float32), layout="tiled",
+                         backend="mosaic_gpu", interpret=True, blocks=blocks)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), x @ codes)
+
+
+def test_mosaic_gpu_refuses_float32_activations():
+    with pytest.raises(ValueError, match="Mosaic GPU kernel takes bf16 or f16 activations, got float32"):
+        ternary_matmul(np.zeros((2, 8), np.float32), np.zeros((128, 4), np.uint8), np.ones(4, np.float32),
+                       layout="tiled", backend="mosaic_gpu")
+
+
 def test_auto_runs_xla_on_cpu():
     x, codes, scale, bias = operands(3, 20, 8)
     np.testing.assert_array_equal(
@@ -131,11 +171,11 @@ FLUX_DEV_LAYERS = {  # (K, N) of FLUX.1-dev's ternary layers
 ODD = {"odd": (130, 33), "tiny": (5, 7)}
 
 
-@pytest.mark.parametrize("platform, marker", KERNEL_MARKERS)
+@pytest.mark.parametrize("platform, gpu, marker", KERNEL_MARKERS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("name", [*FLUX_DEV_LAYERS, *ODD])
 @pytest.mark.parametrize("m", [1, 4608])
 @pytest.mark.parametrize("layout", ["canonical", "tiled"])
-def test_default_call_lowers_to_the_kernel(platform, marker, name, m, layout):
+def test_default_call_lowers_to_the_kernel(platform, gpu, marker, name, m, layout):
     k, n = {**FLUX_DEV_LAYERS, **ODD}[name]
     args = (
         jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
@@ -143,7 +183,7 @@ def test_default_call_lowers_to_the_kernel(platform, marker, name, m, layout):
         jax.ShapeDtypeStruct((n,), jnp.float32),
         jax.ShapeDtypeStruct((n,), jnp.float32),
     )
-    exported = export_for(platform, lambda x, p, s, b: ternary_matmul(x, p, s, b, layout=layout), *args)
+    exported = export_for(platform, lambda x, p, s, b: ternary_matmul(x, p, s, b, layout=layout), *args, gpu=gpu)
     text = exported.mlir_module()
     assert marker in text
     assert exported.out_avals[0].shape == (m, n)
@@ -156,7 +196,7 @@ def test_packed_flux_lowers_its_layers_to_kernels_for_both_platforms():
     from flux_jax.ternary import build
     from tests.torch_reference import random_inputs
 
-    config = FluxConfig.preset("tiny")
+    config = FluxConfig.preset("tiny").with_dtype("bfloat16")  # Mosaic GPU serves 16-bit activations
     model = nnx.eval_shape(lambda: build(config, "packed", layout="tiled", rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     inputs = random_inputs(config, batch=1)
@@ -166,8 +206,8 @@ def test_packed_flux_lowers_its_layers_to_kernels_for_both_platforms():
         return nnx.merge(graphdef, state)(**inputs)
 
     state_specs = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
-    for platform, marker in KERNEL_MARKERS:
-        exported = export_for(platform, forward, state_specs, specs)
+    for platform, gpu, marker in KERNEL_MARKERS:
+        exported = export_for(platform, forward, state_specs, specs, gpu=gpu)
         per_block = 10 * config.depth + 3 * config.depth_single_blocks
         assert exported.mlir_module().count(marker) >= per_block
 
