@@ -26,6 +26,14 @@ GPU_INTERPRETER = pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"),
                                      reason="this JAX (0.10.2) has no public GPU interpreter for Mosaic GPU kernels")
 
 
+H = 3072
+FLUX_DEV_LAYERS = {  # (K, N) of FLUX.1-dev's ternary layers
+    "qkv": (H, 3 * H), "proj": (H, H), "mlp_in": (H, 4 * H), "mlp_out": (4 * H, H),
+    "modulation": (H, 6 * H), "linear1": (H, 7 * H), "linear2": (5 * H, H),
+}
+ODD = {"odd": (130, 33), "tiny": (5, 7)}
+
+
 def export_for(platform, fn, *specs, gpu=H100):
     """`fn` lowered for `platform` from this CPU machine (`gpu` as the GPU it is lowered for)."""
     with gpu_lowering_target(gpu) if platform == "cuda" else contextlib.nullcontext():
@@ -137,6 +145,21 @@ def test_mosaic_gpu_matches_numpy_in_gpu_interpret_mode(m, k, n):
 
 
 @GPU_INTERPRETER
+@pytest.mark.gpu_interpret_flux_shapes
+@pytest.mark.parametrize("name", FLUX_DEV_LAYERS)
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_mosaic_gpu_matches_numpy_at_every_flux_layer_shape(name, m):
+    """The seven FLUX.1-dev layer shapes at the token counts of inference, within the bf16 output's
+    rounding (about 5 minutes on 2 cores: outside the default suite, run by CI)."""
+    k, n = FLUX_DEV_LAYERS[name]
+    x, codes, scale, bias = operands(m, k, n)
+    out = ternary_matmul(jnp.asarray(x, jnp.bfloat16), packed_in("tiled", codes), scale, bias, layout="tiled",
+                         backend="mosaic_gpu", interpret=True)
+    expected = reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), codes, scale, bias)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2**-8, atol=2**-8 * np.abs(expected).max())
+
+
+@GPU_INTERPRETER
 def test_mosaic_gpu_is_exact_on_integer_products_over_several_blocks_and_steps():
     """x in {-1, 0, 1}, unit scale, no bias: every product and sum is an integer below 256, exact in
     bf16, so the kernel must equal the reference exactly, here with several M and N blocks and K steps."""
@@ -161,14 +184,6 @@ def test_auto_runs_xla_on_cpu():
         np.asarray(ternary_matmul(x, pack_ternary(codes), scale, bias)),
         np.asarray(ternary_matmul(x, pack_ternary(codes), scale, bias, backend="xla")),
     )
-
-
-H = 3072
-FLUX_DEV_LAYERS = {  # (K, N) of FLUX.1-dev's ternary layers
-    "qkv": (H, 3 * H), "proj": (H, H), "mlp_in": (H, 4 * H), "mlp_out": (4 * H, H),
-    "modulation": (H, 6 * H), "linear1": (H, 7 * H), "linear2": (5 * H, H),
-}
-ODD = {"odd": (130, 33), "tiny": (5, 7)}
 
 
 @pytest.mark.parametrize("platform, gpu, marker", KERNEL_MARKERS, ids=KERNEL_IDS)
