@@ -131,18 +131,23 @@ def test_gradients_with_respect_to_x_scale_and_bias(backend, layout):
     np.testing.assert_allclose(np.asarray(dbias), g.sum(0), rtol=1e-6)
 
 
-@GPU_INTERPRETER
-@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (70, 600, 200), (300, 600, 200), (1, 3072, 3072),
-                                     (16, 3072, 3072), (256, 3072, 3072), (16, 15360, 128)])
-def test_mosaic_gpu_matches_numpy_in_gpu_interpret_mode(m, k, n):
-    """Odd shapes (every M class of the tile table) and FLUX's projection (3072 x 3072) at the token
-    counts of inference, and linear2's
-    K (15360, a slice of its N). bf16 in, float32 accumulation, bf16 out: within the output's rounding (2^-8 relative)."""
+def check_mosaic_gpu(m, k, n):
+    """The Mosaic GPU kernel in GPU interpret mode against NumPy: bf16 in, float32 accumulation, bf16
+    out, so within the output's rounding (2^-8 relative)."""
     x, codes, scale, bias = operands(m, k, n)
     out = ternary_matmul(jnp.asarray(x, jnp.bfloat16), packed_in("tiled", codes), scale, bias, layout="tiled",
                          backend="mosaic_gpu", interpret=True)
     expected = reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), codes, scale, bias)
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2**-8, atol=2**-8 * np.abs(expected).max())
+
+
+@GPU_INTERPRETER
+@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (70, 600, 200), (300, 600, 200), (1, 3072, 3072),
+                                     (16, 3072, 3072), (256, 3072, 3072), (16, 15360, 128)])
+def test_mosaic_gpu_matches_numpy_in_gpu_interpret_mode(m, k, n):
+    """Odd shapes (every M class of the tile table) and FLUX's projection (3072 x 3072) at the token
+    counts of inference, and linear2's K (15360, a slice of its N)."""
+    check_mosaic_gpu(m, k, n)
 
 
 @GPU_INTERPRETER
@@ -153,12 +158,7 @@ def test_mosaic_gpu_matches_numpy_at_every_flux_layer_shape(name, m):
     """The seven FLUX.1-dev layer shapes at the token counts of inference (M = 1, 16; with 256 as well
     the run takes over 15 minutes on 2 cores), within the bf16 output's rounding: about 4 minutes,
     outside the default suite, run by CI."""
-    k, n = FLUX_DEV_LAYERS[name]
-    x, codes, scale, bias = operands(m, k, n)
-    out = ternary_matmul(jnp.asarray(x, jnp.bfloat16), packed_in("tiled", codes), scale, bias, layout="tiled",
-                         backend="mosaic_gpu", interpret=True)
-    expected = reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32), codes, scale, bias)
-    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=2**-8, atol=2**-8 * np.abs(expected).max())
+    check_mosaic_gpu(m, *FLUX_DEV_LAYERS[name])
 
 
 @GPU_INTERPRETER
