@@ -29,7 +29,7 @@ from flux_jax.model import Flux
 from flux_jax.params import fill
 from flux_jax.sharding import param_metadata
 from pallas_kernels import pack_ternary, ternary_matmul
-from pallas_kernels.packing import LAYOUTS, from_tiled, tiled_rows, to_tiled, unpack_layout
+from pallas_kernels.packing import LAYOUTS, from_tiled, pack_tiled, tiled_rows, to_tiled, unpack_layout
 
 SCALE_EPS = 1e-5
 
@@ -304,8 +304,7 @@ def pack_model(student: Flux, layout: str | None = None) -> Flux:
     for path, module in nnx.iter_graph(student):
         if isinstance(module, TernaryLinear):
             codes, scale = ternarize(module.kernel[...], policy.axis)
-            packed = pack_ternary(codes)
-            values[(*path, "codes")] = to_tiled(packed, codes.shape[0]) if layout == "tiled" else packed
+            values[(*path, "codes")] = pack_tiled(codes) if layout == "tiled" else pack_ternary(codes)
             values[(*path, "scale")] = module.scale[...] if module.scale is not None else scale
             del values[(*path, "kernel")]
     return fill(abstract, lambda path, _: values[path])

@@ -77,14 +77,20 @@ def _swap_planes(codes, tiles: int, from_rows: int, to_rows: int):
     return xp.swapaxes(codes.reshape(tiles, from_rows, to_rows, n), 1, 2).reshape(tiles * 4 * TILE_ROWS, n)
 
 
-def to_tiled(packed, k: int):
-    """Canonical (ceil(K/4), N) -> tiled (tiled_rows(K), N) uint8."""
-    xp = _xp(packed)
-    codes = unpack_ternary(packed, k)
+def pack_tiled(codes):
+    """(K, N) integers in {-1, 0, 1} -> tiled (tiled_rows(K), N) uint8."""
+    _check_codes(codes)
+    xp = _xp(codes)
+    k = codes.shape[0]
     tiles = tiled_rows(k) // TILE_ROWS
     codes = xp.pad(codes, ((0, tiles * 4 * TILE_ROWS - k), (0, 0)))
     # canonical byte r, plane j holds entry 4r + j: put entry 128j + r of each tile there instead
     return pack_ternary(_swap_planes(codes, tiles, 4, TILE_ROWS))
+
+
+def to_tiled(packed, k: int):
+    """Canonical (ceil(K/4), N) -> tiled (tiled_rows(K), N) uint8."""
+    return pack_tiled(unpack_ternary(packed, k))
 
 
 def from_tiled(tiled, k: int):

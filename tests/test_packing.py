@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import pack_archive, pack_ternary, unpack_archive, unpack_ternary
-from pallas_kernels.packing import from_tiled, tiled_rows, to_tiled, unpack_layout
+from pallas_kernels.packing import from_tiled, pack_tiled, tiled_rows, to_tiled, unpack_layout
 
 
 def reference_pack(codes: np.ndarray) -> np.ndarray:
@@ -52,6 +52,7 @@ def test_tiled_layout_matches_its_definition_and_round_trips(k):
     packed = pack_ternary(codes)
     tiled = to_tiled(packed, k)
     np.testing.assert_array_equal(tiled, reference_tiled(codes))
+    np.testing.assert_array_equal(pack_tiled(codes), tiled)
     np.testing.assert_array_equal(np.asarray(to_tiled(jnp.asarray(packed), k)), tiled)
     np.testing.assert_array_equal(unpack_layout(tiled, k, "tiled"), codes)
     np.testing.assert_array_equal(unpack_layout(packed, k, "canonical"), codes)
