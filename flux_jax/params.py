@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from flux_jax.sharding import named_sharding
+from flux_jax.sharding import SHARDING_TOLERANCE, check_sharded, named_sharding
 
 M = TypeVar("M", bound=nnx.Module)
 Path = tuple[Any, ...]
@@ -69,11 +69,15 @@ def fill(
     *,
     mesh: Mesh | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    sharding_tolerance: float = SHARDING_TOLERANCE,
 ) -> M:
     """A concrete model whose every leaf is `value_of(path, abstract_variable)`, cast to the abstract
     leaf's dtype and placed by its logical sharding. Leaves are produced one at a time, so a caller
     streaming from disk holds one tensor on the host at once; a `LazyTensor` value is read region by
-    region, each process reading only what its devices hold."""
+    region, each process reading only what its devices hold. A mesh that would leave more than
+    `sharding_tolerance` of the model replicated is refused first (`flux_jax.sharding.check_sharded`)."""
+    if mesh is not None:
+        check_sharded(abstract, mesh, tolerance=sharding_tolerance)
     graphdef, state = nnx.split(abstract)
     filled = []
     for path, var in progress(list(nnx.to_flat_state(state))):
@@ -92,8 +96,10 @@ def fill(
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def shard(model: M, mesh: Mesh) -> M:
-    """`model` with every variable moved to its place on `mesh` by its logical names."""
+def shard(model: M, mesh: Mesh, *, sharding_tolerance: float = SHARDING_TOLERANCE) -> M:
+    """`model` with every variable moved to its place on `mesh` by its logical names (a mesh that
+    leaves more than `sharding_tolerance` of it replicated is refused: `check_sharded`)."""
+    check_sharded(model, mesh, tolerance=sharding_tolerance)
     state = nnx.state(model)
     placed = jax.tree.map(lambda v: v.replace(jax.device_put(v[...], leaf_sharding(v, mesh))), state,
                           is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -3,6 +3,7 @@ CUDA compiler for an H100 (the Mosaic GPU kernel) and an A100 (Triton): the cuda
 `h100_compiler` run in CI's CUDA venvs, with JAX_PLATFORMS=cpu. Kernels, the packed model and a
 reduced-depth training step are compiled, not just lowered."""
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -192,9 +193,14 @@ def test_step_model_flops_count_every_forward_of_the_step():
     cost = lowered.cost_analysis()
     counted = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
     assert forward_flops(flux, 256, 32) <= counted < 1.1 * forward_flops(flux, 256, 32)
-    config = DistillConfig(latent_height=128, latent_width=128, text_length=512, sampler_steps=28)
+    config = DistillConfig(latent_height=128, latent_width=128, text_length=512, sampler_steps=28, batch_size=16)
     dev = FluxConfig.preset("flux-dev")
-    assert step_model_flops(dev, config, samples=2) == pytest.approx(2 * (13.5 + 4) * forward_flops(dev, 4096, 512))
+    # the sampler runs to the largest of 16 draws of k in 0..27: E = sum_{m=1}^{27} 1 - (m/28)^16
+    sampler = sum(1 - (m / 28) ** 16 for m in range(1, 28))
+    assert sampler == pytest.approx(25.81, abs=0.01)
+    assert step_model_flops(dev, config, samples=2) == pytest.approx(2 * (sampler + 4) * forward_flops(dev, 4096, 512))
+    cached = dataclasses.replace(config, objective="cache")
+    assert step_model_flops(dev, cached, samples=2) == pytest.approx(2 * 4 * forward_flops(dev, 4096, 512))
 
 
 def test_a_model_too_large_for_the_chip_is_reported_as_refused(capsys):

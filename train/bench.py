@@ -38,6 +38,7 @@ from flux_jax.model import Flux
 from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices
 from flux_jax.ternary import QuantPolicy, build
 from train.config import PRESETS, DistillConfig, MeshConfig
+from train.data import expected_sampler_forwards
 from train.distill import frozen, make_train_step, optimizer_for
 from train.mesh import make_mesh
 
@@ -95,13 +96,14 @@ def forward_flops(flux: FluxConfig, image_tokens: int, text_tokens: int) -> floa
 
 
 def step_model_flops(flux: FluxConfig, config: DistillConfig, samples: int) -> float:
-    """Model FLOPs of one training step (the numerator of MFU): per sample, the teacher's sampler runs
-    k ~ U{0 .. sampler_steps - 1} forwards ((sampler_steps - 1) / 2 on average), the teacher one more
-    for the target, and the student a forward and a backward (three forwards' worth; remat's
-    recomputation is not model FLOPs)."""
+    """FLOPs of one training step by the architecture (the numerator of MFU), per sample: with the
+    trajectory objective the teacher's sampler runs to the batch's largest k (each sample draws
+    k ~ U{0 .. sampler_steps - 1}; `expected_sampler_forwards` of the global batch), the cache objective
+    reads its states instead; then the teacher's target forward and the student's forward and backward
+    (three forwards' worth; remat's recomputation is not counted)."""
     image_tokens = (config.latent_height // 2) * (config.latent_width // 2)
-    forwards = (config.sampler_steps - 1) / 2 + 1 + 3
-    return samples * forwards * forward_flops(flux, image_tokens, config.text_length)
+    sampler = expected_sampler_forwards(config.sampler_steps, config.batch_size) if config.objective == "trajectory" else 0.0
+    return samples * (sampler + 1 + 3) * forward_flops(flux, image_tokens, config.text_length)
 
 
 def target_step(target: Target, flux: FluxConfig, config: DistillConfig, batch_per_device: int, mfu: float) -> dict:

@@ -79,7 +79,7 @@ def read_prompts(path: str) -> list[str]:
     if not file.is_file():
         raise DataError(f"{path}: no such prompt file")
     prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_utf8_text(path, file.read_bytes()).splitlines(), 1):
         if not line.strip():
             continue
         if file.suffix != ".jsonl":
@@ -97,6 +97,17 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _utf8_text(path: str, raw: bytes) -> str:
+    """`raw` decoded as UTF-8 (a leading byte-order mark dropped); anything else is the user's to fix,
+    so the error says where the first undecodable byte is rather than tracing back."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start:err.start + 1]!r} at offset {err.start}); "
+                        "save the file as UTF-8") from None
+
+
 def batch_indices(num_prompts: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Prompts of one step: the step's slice of a per-epoch permutation."""
     per_epoch = max(num_prompts // batch_size, 1)
@@ -106,14 +117,28 @@ def batch_indices(num_prompts: int, batch_size: int, seed: int, step: int) -> np
 
 
 def trajectory_state(teacher, noise, img_ids, txt, txt_ids, y, guidance, key, *, sampler_steps: int):
-    """A training state from the teacher alone: run its Euler sampler from noise for a random number of
-    steps k < sampler_steps and return (x at sigma_k, sigma_k (B,)). Nothing here is differentiated.
-    The schedule is shifted for guidance-distilled teachers (dev), not for schnell."""
+    """A training state from the teacher alone: each sample runs the teacher's Euler sampler from its
+    noise for its own random number of steps k_i < sampler_steps; returns (x at sigma_k, sigma_k (B,)).
+    The batch spans noise levels, and the teacher runs max_i k_i forwards of the whole batch (samples
+    already at their k stay put), so a step costs `expected_sampler_forwards` teacher forwards. Nothing
+    here is differentiated. The schedule is shifted for guidance-distilled teachers (dev), not schnell."""
     batch, length, _ = noise.shape
     sigmas = jnp.asarray(schedule(sampler_steps, length, shift=teacher.config.guidance_embed))
-    k = jax.random.randint(key, (), 0, sampler_steps)
-    x = denoise(teacher, noise, img_ids, txt, txt_ids, y, sigmas, guidance, steps=k)
-    return jax.lax.stop_gradient(x), jnp.full((batch,), sigmas[k], jnp.float32)
+    k = jax.random.randint(key, (batch,), 0, sampler_steps)
+
+    def step(i, x):
+        v = teacher(x, img_ids, txt, txt_ids, jnp.full((batch,), sigmas[i], jnp.float32), y, guidance)
+        moved = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
+        return jnp.where((i < k)[:, None, None], moved, x)
+
+    x = jax.lax.fori_loop(0, jnp.max(k), step, noise)
+    return jax.lax.stop_gradient(x), sigmas[k]
+
+
+def expected_sampler_forwards(sampler_steps: int, batch: int) -> float:
+    """E[max k] over a batch of k ~ U{0 .. sampler_steps - 1}: the teacher forwards `trajectory_state`
+    runs per step (the sum over m >= 1 of P(max >= m)): just under sampler_steps * batch / (batch + 1)."""
+    return float(sum(1 - (m / sampler_steps) ** batch for m in range(1, sampler_steps)))
 
 
 def position_ids(batch: int, latent_height: int, latent_width: int, text_length: int) -> tuple[np.ndarray, np.ndarray]:
