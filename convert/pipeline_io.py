@@ -8,6 +8,7 @@ serves both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,10 +19,18 @@ from convert.loader import load_flux, locate
 from convert.text_encoders import load_clip_text_encoder, load_t5_encoder
 from convert.vae import load_vae
 from flux_jax.pipeline import PipelineSettings
+from flux_jax.sampling import SchedulerConfig
 from flux_jax.text import PromptEncoder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# FlowMatchEulerDiscreteScheduler settings our Euler sampler does not implement, with the values that
+# leave them off (diffusers' defaults).
+UNSUPPORTED_SCHEDULER_SETTINGS = {
+    "num_train_timesteps": 1000, "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+    "use_exponential_sigmas": False, "use_beta_sigmas": False, "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
 
 
 def _tokenizer(folder: Path):
@@ -33,18 +42,35 @@ def _tokenizer(folder: Path):
         raise CheckpointError(f"{folder}: not a usable tokenizer ({err})") from None
 
 
-def _settings(root: Path, guidance_embed: bool) -> PipelineSettings:
-    config_json = root / "scheduler" / "scheduler_config.json"
+def scheduler_config(folder: Path) -> SchedulerConfig:
+    """The schedule of a diffusers scheduler/ folder (its scheduler_config.json): keys it leaves out take
+    diffusers' defaults (no dynamic shifting, shift 1); settings our sampler lacks are refused by name."""
+    config_json = folder / "scheduler_config.json"
     try:
-        scheduler = json.loads(config_json.read_text())
+        raw = json.loads(config_json.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_json}: unreadable ({err})") from None
-    dynamic = bool(scheduler.get("use_dynamic_shifting", False))
-    if not dynamic and scheduler.get("shift", 1.0) != 1.0:
-        raise CheckpointError(f"{config_json}: a static shift of {scheduler['shift']} is not a FLUX schedule")
+    for key, off in UNSUPPORTED_SCHEDULER_SETTINGS.items():
+        if raw.get(key, off) != off:
+            raise CheckpointError(f"{config_json}: {key}={raw[key]!r} is not supported (only {off!r})")
+    settings = {f.name: raw[f.name] for f in dataclasses.fields(SchedulerConfig) if raw.get(f.name) is not None}
+    settings.setdefault("use_dynamic_shifting", False)
+    for name, value in settings.items():
+        flag = name == "use_dynamic_shifting"
+        if isinstance(value, bool) != flag or not isinstance(value, (int, float)):
+            raise CheckpointError(f"{config_json}: {name} must be a {'boolean' if flag else 'number'}, got {value!r}")
+    try:
+        return SchedulerConfig(**settings)
+    except ValueError as err:
+        raise CheckpointError(f"{config_json}: {err}") from None
+
+
+def _settings(scheduler: SchedulerConfig, guidance_embed: bool) -> PipelineSettings:
     if guidance_embed:  # dev
-        return PipelineSettings(dynamic_shift=dynamic, max_sequence_length=512, default_steps=28, default_guidance=3.5)
-    return PipelineSettings(dynamic_shift=dynamic, max_sequence_length=256, default_steps=4, default_guidance=0.0)
+        return PipelineSettings(scheduler=scheduler, max_sequence_length=512, default_steps=28, default_guidance=3.5)
+    return PipelineSettings(scheduler=scheduler, max_sequence_length=256, default_steps=4, default_guidance=0.0)
 
 
 def _pipeline_root(path_or_id: str | os.PathLike, components: tuple[str, ...]) -> Path:
@@ -68,12 +94,13 @@ def _text_components(root: Path, *, dtype, mesh) -> dict:
 
 def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> dict:
     root = _pipeline_root(path_or_id, COMPONENTS)
+    scheduler = scheduler_config(root / "scheduler")  # a bad one is named before any weights are read
     transformer = load_flux(root / "transformer", dtype=dtype, mesh=mesh)
     return {
         "transformer": transformer,
         "vae": load_vae(root / "vae", dtype=dtype, mesh=mesh),
         **_text_components(root, dtype=dtype, mesh=mesh),
-        "settings": _settings(root, transformer.config.guidance_embed),
+        "settings": _settings(scheduler, transformer.config.guidance_embed),
     }
 
 
@@ -91,6 +118,7 @@ def write_bundle(src: str | os.PathLike, directory: Path, *, dtype=None, progres
     from convert.orbax_io import write_flux
 
     root = _pipeline_root(src, COMPONENTS)
+    scheduler_config(root / "scheduler")  # refused now rather than when the bundle is loaded
     (directory / "transformer").mkdir()
     write_flux(load_flux(root / "transformer", dtype=dtype, progress=progress), directory / "transformer")
     for component in COMPONENTS[1:]:

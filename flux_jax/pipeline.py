@@ -9,6 +9,7 @@ The transformer may be full precision, a ternary student or a packed model: what
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from flux_jax.model import Flux
-from flux_jax.sampling import denoise, image_ids, pack_latents, schedule, text_ids, unpack_latents
+from flux_jax.sampling import (SchedulerConfig, denoise, image_ids, pack_latents, schedule, text_ids,
+                               unpack_latents)
 from flux_jax.text import CLIPTextEncoder, T5Encoder
 from flux_jax.text.prompts import PromptEncoder
 from flux_jax.vae import AutoencoderKL
@@ -28,9 +30,10 @@ from flux_jax.vae import AutoencoderKL
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
-    """What the scheduler and tokenizers of a FLUX release fix: dev shifts its schedule, schnell not."""
+    """What the scheduler and tokenizers of a FLUX release fix: dev shifts its schedule with the
+    resolution, schnell not."""
 
-    dynamic_shift: bool = True
+    scheduler: SchedulerConfig = SchedulerConfig()
     max_sequence_length: int = 512
     default_steps: int = 28
     default_guidance: float = 3.5
@@ -43,8 +46,6 @@ class FluxPipeline:
         self.text = PromptEncoder(clip, t5, clip_tokenizer, t5_tokenizer, settings.max_sequence_length)
         self.settings = settings
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
-        self._on_step: Callable[[int], None] = lambda step: None
 
     @property
     def clip(self) -> CLIPTextEncoder:
@@ -66,9 +67,6 @@ class FluxPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """(pooled CLIP vectors (B, 768), T5 token features (B, S, 4096))."""
         return self.text(prompts)
-
-    def _report_step(self, step: int) -> None:
-        self._on_step(step)
 
     def __call__(
         self,
@@ -106,13 +104,11 @@ class FluxPipeline:
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != (len(prompts), (h // 2) * (w // 2), 4 * channels):
             raise ValueError(f"latents have shape {latents.shape}, expected {(len(prompts), (h // 2) * (w // 2), 4 * channels)}")
-        sigmas = schedule(steps, latents.shape[1], shift=self.settings.dynamic_shift)
+        sigmas = schedule(steps, latents.shape[1], self.settings.scheduler)
         g = jnp.full((len(prompts),), guidance, jnp.float32) if self.transformer.config.guidance_embed else None
-        self._on_step = progress or (lambda step: None)
-        # A bound method is equal from call to call, so a new `progress` does not recompile.
-        images = self._generate(self.transformer, self.vae, latents, features, pooled, jnp.asarray(sigmas), g,
-                                height=h, width=w, progress=self._report_step if progress else None)
-        images = np.asarray(images)
+        with _listening(progress):
+            images = np.asarray(_compiled_generate(self.transformer, self.vae, latents, features, pooled, jnp.asarray(sigmas), g,
+                                         height=h, width=w, progress=progress is not None))
         if output_type == "np":
             return images
         from PIL import Image
@@ -120,13 +116,39 @@ class FluxPipeline:
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
 
 
+_step_listener: list[Callable[[int], None]] = []
+"""The `progress` of the pipeline call under way: the compiled generate function is shared by every
+pipeline, so its step callback (part of what is compiled) must be one function for all of them. One
+call at a time reports progress: calls from two threads at once would share this listener."""
+
+
+def _report_step(step: int) -> None:
+    for listener in _step_listener:
+        listener(step)
+
+
+@contextlib.contextmanager
+def _listening(progress: Callable[[int], None] | None):
+    _step_listener[:] = [progress] if progress else []
+    try:
+        yield
+    finally:
+        _step_listener.clear()
+
+
 def _generate(transformer, vae, latents, features, pooled, sigmas, guidance, *, height, width, progress):
     """Denoise (one compiled loop) and decode: packed noise -> images (B, H, W, 3) in [0, 1]."""
     batch, length = features.shape[:2]
     dtype = jnp.dtype(transformer.config.dtype)
     x = denoise(transformer, latents.astype(dtype), jnp.asarray(image_ids(batch, height, width)), features.astype(dtype),
-                jnp.asarray(text_ids(batch, length)), pooled.astype(dtype), sigmas, guidance, callback=progress)
+                jnp.asarray(text_ids(batch, length)), pooled.astype(dtype), sigmas, guidance,
+                callback=_report_step if progress else None)
     z = unpack_latents(x.astype(jnp.float32), height, width)
     z = z / vae.config.scaling_factor + vae.config.shift_factor
     images = vae.decode(jnp.transpose(z, (0, 2, 3, 1)))
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+_compiled_generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
+"""`_generate` compiled once per model structure and shape, shared by every `FluxPipeline`: a second
+pipeline with the same configs reuses the first one's compilation."""

@@ -6,6 +6,7 @@ Shapes: latents (B, C, H, W) with H, W the latent grid (image size / 8); packed 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -14,8 +15,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
-BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The schedule's settings, named as in diffusers' FlowMatchEulerDiscreteScheduler (a folder's
+    scheduler/scheduler_config.json), defaults FLUX.1-dev's. With dynamic shifting, mu grows linearly
+    with the token count, from base_shift at base_image_seq_len to max_shift at max_image_seq_len, and
+    `shift` is unused; without it every sigma is shifted by the constant `shift` (1.0: none, schnell)."""
+
+    use_dynamic_shifting: bool = True
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    shift: float = 1.0
+
+    def __post_init__(self):
+        if self.max_image_seq_len == self.base_image_seq_len:
+            raise ValueError(f"max_image_seq_len and base_image_seq_len must differ, both are {self.max_image_seq_len}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+
+
+SCHNELL_SCHEDULER = SchedulerConfig(use_dynamic_shifting=False)
+"""FLUX.1-schnell's schedule: unshifted."""
 
 
 def pack_latents(latents: jax.Array) -> jax.Array:
@@ -49,28 +72,32 @@ def text_ids(batch: int, length: int) -> np.ndarray:
     return np.zeros((batch, length, 3), np.float32)
 
 
-def shift_mu(image_seq_len: int) -> float:
-    """FLUX's resolution-dependent shift: linear in the token count through (256, 0.5) and (4096, 1.15)."""
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
-    return BASE_SHIFT + slope * (image_seq_len - BASE_SEQ_LEN)
+def shift_mu(image_seq_len: int, config: SchedulerConfig = SchedulerConfig()) -> float:
+    """FLUX's resolution-dependent shift: linear in the token count through (base_image_seq_len,
+    base_shift) and (max_image_seq_len, max_shift), (256, 0.5) and (4096, 1.15) for dev."""
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    return config.base_shift + slope * (image_seq_len - config.base_image_seq_len)
 
 
-def shift_sigmas(sigmas, image_seq_len: int):
-    """sigma -> e^mu / (e^mu + 1/sigma - 1), mu from the token count; 0 stays 0 (NumPy or jnp)."""
-    mu = math.exp(shift_mu(image_seq_len))
+def shift_sigmas(sigmas, image_seq_len: int, config: SchedulerConfig = SchedulerConfig()):
+    """sigma -> s / (s + 1/sigma - 1) with s = e^mu (mu from the token count) under dynamic shifting,
+    s = config.shift otherwise; 0 stays 0 (NumPy or jnp)."""
+    s = math.exp(shift_mu(image_seq_len, config)) if config.use_dynamic_shifting else config.shift
     xp = np if isinstance(sigmas, np.ndarray) else jnp
     safe = xp.maximum(sigmas, 1e-30)
-    return xp.where(sigmas > 0, mu / (mu + (1.0 / safe - 1.0)), 0.0)
+    return xp.where(sigmas > 0, s / (s + (1.0 / safe - 1.0)), 0.0)
 
 
-def schedule(num_steps: int, image_seq_len: int, *, shift: bool = True) -> np.ndarray:
-    """Noise levels sigma_0 = 1 > ... > sigma_n = 0 (num_steps + 1 values); with `shift` (dev, not
-    schnell) each sigma becomes e^mu / (e^mu + 1/sigma - 1)."""
+def schedule(num_steps: int, image_seq_len: int, config: SchedulerConfig = SchedulerConfig(), *,
+             shift: bool = True) -> np.ndarray:
+    """Noise levels sigma_0 = 1 > ... > sigma_n = 0 (num_steps + 1 values), each shifted as `config`
+    says (`shift_sigmas`). `shift=False`, the older way to ask for schnell's schedule, leaves them
+    unshifted whatever `config`."""
     if num_steps < 1:
         raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
     sigmas = np.linspace(1.0, 0.0, num_steps + 1)
     if shift:
-        sigmas = shift_sigmas(sigmas, image_seq_len)
+        sigmas = shift_sigmas(sigmas, image_seq_len, config)
     return sigmas.astype(np.float32)
 
 

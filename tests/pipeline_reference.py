@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from flux_jax.text.tokenizers import clip_word_tokenizer, t5_word_tokenizer
 
 from tests.torch_reference import TINY_DEV, diffusers_model
 
+FLUX_DEV_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                          max_image_seq_len=4096, shift=3.0)  # FLUX.1-dev's scheduler_config.json
 WORDS = "a an the red blue green fox cat dog in on snow grass digit seven three handwritten photo of small big".split()
 
 
@@ -36,12 +39,20 @@ def tiny_pipeline(seed: int = 0) -> FluxPipeline:
         layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, use_quant_conv=False, use_post_quant_conv=False,
         scaling_factor=0.3611, shift_factor=0.1159))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5,
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer, text_encoder_2=t5,
                         tokenizer_2=t5_tokenizer, transformer=diffusers_model(TINY_DEV, seed))
 
 
 def packed_noise(batch: int, height: int, width: int, vae_scale: int = 4, seed: int = 0) -> np.ndarray:
     h, w = height // vae_scale, width // vae_scale
     return np.random.default_rng(seed).standard_normal((batch, (h // 2) * (w // 2), TINY_DEV.in_channels)).astype(np.float32)
+
+
+def diffusers_schedule(scheduler: FlowMatchEulerDiscreteScheduler, steps: int, image_seq_len: int) -> tuple:
+    """(sigmas, timesteps) as diffusers' FluxPipeline.__call__ sets them: calculate_shift from the
+    scheduler's config, then retrieve_timesteps."""
+    mu = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
+                         scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
+                         scheduler.config.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas.numpy(), timesteps.numpy()

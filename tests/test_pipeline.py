@@ -1,15 +1,20 @@
 """FluxPipeline end to end against diffusers' FluxPipeline with the same tiny components and noise."""
 
+import json
+import logging
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from convert import CheckpointError
 from convert.torch_to_flax import convert_checkpoint
 from flux_jax.pipeline import FluxPipeline
-from tests.pipeline_reference import packed_noise, tiny_pipeline
+from flux_jax.sampling import SchedulerConfig, schedule
+from tests.pipeline_reference import diffusers_schedule, packed_noise, tiny_pipeline
 
 PROMPTS = ["a red fox in the snow", "a photo of a small blue cat"]
 
@@ -37,6 +42,80 @@ def test_images_match_diffusers_flux_pipeline(reference):
     assert got.shape == expected.shape == (2, 32, 48, 3)
     assert np.abs(got - expected).max() < 2e-3, np.abs(got - expected).max()
     assert expected.std() > 0.01  # not a blank image
+
+
+def link_components(folder, target, *, but: str):
+    """`folder`'s components but one, linked into `target`."""
+    target.mkdir(exist_ok=True)
+    for component in os.listdir(folder):
+        if component != but and (folder / component).is_dir():
+            os.symlink(folder / component, target / component)
+    return target
+
+
+def with_scheduler(folder, target, scheduler):
+    """A pipeline folder `target`: `folder`'s components (linked) with another scheduler/."""
+    scheduler.save_pretrained(link_components(folder, target, but="scheduler") / "scheduler")
+    return target
+
+
+@pytest.mark.parametrize("settings, via_bundle", [
+    (dict(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.0, base_image_seq_len=16, max_image_seq_len=64), True),
+    (dict(use_dynamic_shifting=False, shift=2.0), False),
+])
+def test_scheduler_settings_of_the_folder_and_bundle_give_diffusers_images(reference, tmp_path, settings, via_bundle):
+    pipe, folder = reference
+    scheduler = FlowMatchEulerDiscreteScheduler(**settings)
+    folder = with_scheduler(folder, tmp_path / "folder", scheduler)
+    if via_bundle:
+        convert_checkpoint(folder, tmp_path / "bundle", pipeline=True, progress=False)
+        folder = tmp_path / "bundle"
+    ours = FluxPipeline.from_pretrained(folder)
+    assert ours.settings.scheduler == SchedulerConfig(**settings)
+    np.testing.assert_allclose(schedule(3, 24, ours.settings.scheduler), diffusers_schedule(scheduler, 3, 24)[0], rtol=1e-6)
+
+    original, pipe.scheduler = pipe.scheduler, scheduler
+    try:
+        latents = packed_noise(2, 32, 48)
+        expected = run_reference(pipe, latents, 32, 48, steps=3)
+    finally:
+        pipe.scheduler = original
+    got = ours(PROMPTS, height=32, width=48, steps=3, guidance=3.5, latents=latents, output_type="np")
+    assert np.abs(got - expected).max() < 2e-3, np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_karras_sigmas=True), "use_karras_sigmas=True is not supported"),
+    (dict(time_shift_type="linear"), "time_shift_type='linear' is not supported"),
+    (dict(base_shift="0.3"), "base_shift must be a number, got '0.3'"),
+    (dict(use_dynamic_shifting=1), "use_dynamic_shifting must be a boolean"),
+    (dict(base_image_seq_len=4096), "must differ"),
+])
+def test_unsupported_or_bad_scheduler_settings_are_named(reference, tmp_path, change, message):
+    folder = with_scheduler(reference[1], tmp_path, FlowMatchEulerDiscreteScheduler())
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=f"scheduler_config.json: .*{message}"):
+        FluxPipeline.from_pretrained(folder)
+
+
+def xla_compilations(caplog, name: str) -> int:
+    return sum(r.getMessage().startswith(f"Finished XLA compilation of jit({name}) ") for r in caplog.records)
+
+
+def test_two_pipelines_share_one_compiled_generate(reference, caplog):
+    """Same configs and shapes (those of two other tests here): the second pipeline compiles nothing."""
+    first, second = FluxPipeline.from_pretrained(reference[1]), FluxPipeline.from_pretrained(reference[1])
+    caplog.set_level(logging.WARNING)
+    with jax.log_compiles():
+        image = first("a red fox", height=16, width=16, steps=1, output_type="np")
+        assert xla_compilations(caplog, "_generate") <= 1  # none if an earlier test compiled this shape
+        jax.jit(lambda x: x + 1)(np.float32(0))
+        assert xla_compilations(caplog, "<lambda>") == 1  # the log names what it compiles
+        caplog.clear()
+        again = second("a red fox", height=16, width=16, steps=1, output_type="np")
+        assert xla_compilations(caplog, "_generate") == 0
+    np.testing.assert_array_equal(image, again)
 
 
 def test_bundle_and_pil_output_and_progress(reference, tmp_path):
@@ -74,9 +153,7 @@ def test_bad_calls_are_refused(reference, kwargs, message):
 
 
 def test_folder_missing_a_component_is_named(reference, tmp_path):
-    for component in os.listdir(reference[1]):
-        if component != "vae" and (reference[1] / component).is_dir():
-            os.symlink(reference[1] / component, tmp_path / component)
+    link_components(reference[1], tmp_path, but="vae")
     with pytest.raises(CheckpointError, match="missing component vae/"):
         FluxPipeline.from_pretrained(tmp_path)
 

@@ -8,7 +8,9 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from flax import nnx
 
 from flux_jax import Flux
-from flux_jax.sampling import denoise, image_ids, pack_latents, schedule, shift_mu, text_ids, unpack_latents
+from flux_jax.sampling import (SCHNELL_SCHEDULER, SchedulerConfig, denoise, image_ids, pack_latents, schedule, shift_mu,
+                               text_ids, unpack_latents)
+from tests.pipeline_reference import FLUX_DEV_SCHEDULER, diffusers_schedule
 from tests.torch_reference import TINY_DEV
 
 
@@ -26,28 +28,47 @@ def test_packing_and_ids_match_diffusers(h, w):
     assert text_ids(2, 5).shape == (2, 5, 3) and not text_ids(2, 5).any()
 
 
+SCHEDULERS = {
+    "dev": FLUX_DEV_SCHEDULER,
+    "other dynamic": dict(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.0, base_image_seq_len=64,
+                          max_image_seq_len=1024),
+    "static shift": dict(use_dynamic_shifting=False, shift=2.0),
+    "schnell": dict(use_dynamic_shifting=False, shift=1.0),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
 @pytest.mark.parametrize("steps", [1, 4, 28])
-@pytest.mark.parametrize("seq_len", [256, 1024, 4096])
-def test_shifted_schedule_matches_diffusers_scheduler(steps, seq_len):
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
-    assert shift_mu(seq_len) == pytest.approx(mu)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    ours = schedule(steps, seq_len)
-    np.testing.assert_allclose(ours, scheduler.sigmas.numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ours[:-1] * 1000, scheduler.timesteps.numpy(), rtol=1e-5)
+@pytest.mark.parametrize("seq_len", [24, 4096])
+def test_schedule_matches_diffusers_flux_pipeline_and_scheduler(name, steps, seq_len):
+    sigmas, timesteps = diffusers_schedule(FlowMatchEulerDiscreteScheduler(**SCHEDULERS[name]), steps, seq_len)
+    ours = schedule(steps, seq_len, SchedulerConfig(**SCHEDULERS[name]))
+    np.testing.assert_allclose(ours, sigmas, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours[:-1] * 1000, timesteps, rtol=1e-5)
 
 
-def test_schnell_schedule_is_unshifted():
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4))
-    np.testing.assert_allclose(schedule(4, 4096, shift=False), scheduler.sigmas.numpy(), rtol=1e-6)
+def test_shift_mu_is_diffusers_calculate_shift():
+    settings = SCHEDULERS["other dynamic"]
+    expected = calculate_shift(300, settings["base_image_seq_len"], settings["max_image_seq_len"], settings["base_shift"],
+                               settings["max_shift"])
+    assert shift_mu(300, SchedulerConfig(**settings)) == pytest.approx(expected)
+    assert shift_mu(300) == pytest.approx(calculate_shift(300, 256, 4096, 0.5, 1.15))
+
+
+def test_old_call_forms_keep_dev_and_schnell_schedules():
+    """train/ still calls `schedule(n, tokens, shift=guidance_embed)`."""
+    np.testing.assert_array_equal(schedule(4, 1024, shift=True), schedule(4, 1024, SchedulerConfig()))
+    np.testing.assert_array_equal(schedule(4, 1024, shift=False), schedule(4, 1024, SCHNELL_SCHEDULER))
+    np.testing.assert_allclose(schedule(4, 1024, shift=False), np.linspace(1, 0, 5), rtol=1e-6)
 
 
 def test_bad_sizes_and_step_counts_are_refused():
     with pytest.raises(ValueError, match="at least 1"):
         schedule(-2, 256)
+    with pytest.raises(ValueError, match="shift must be positive"):
+        SchedulerConfig(use_dynamic_shifting=False, shift=0.0)
+    with pytest.raises(ValueError, match="must differ"):
+        SchedulerConfig(base_image_seq_len=256, max_image_seq_len=256)
     with pytest.raises(ValueError, match="must be even"):
         pack_latents(np.zeros((1, 16, 7, 8), np.float32))
 
