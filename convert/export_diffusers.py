@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_dtypes
@@ -21,7 +22,7 @@ from convert import layouts
 from convert.atomic import atomic_directory
 from convert.cli import reported_errors, src_out_parser
 from convert.errors import CheckpointError
-from convert.loader import load_flux
+from convert.loader import add_axes_dim_flag, load_flux
 from flux_jax.model import Flux
 from flux_jax.ternary import dense_leaves
 
@@ -45,9 +46,9 @@ def write_diffusers(model: Flux, directory: Path, *, dtype: str = "bfloat16", pr
 
 
 def export_diffusers(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bfloat16",
-                     overwrite: bool = False, progress: bool = True) -> Path:
+                     overwrite: bool = False, progress: bool = True, axes_dim: Sequence[int] | None = None) -> Path:
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_diffusers(load_flux(src), tmp, dtype=dtype, progress=progress)
+        write_diffusers(load_flux(src, axes_dim=axes_dim), tmp, dtype=dtype, progress=progress)
     return Path(out)
 
 
@@ -55,9 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = src_out_parser(PROG, __doc__, src_help="our checkpoint (student, packed or full precision), or anything load_flux reads",
                             out_help="output diffusers transformer folder")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="bfloat16", help="weight dtype (default bfloat16)")
+    add_axes_dim_flag(parser)
     args = parser.parse_args(argv)
     with reported_errors(PROG):
-        out = export_diffusers(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        out = export_diffusers(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                               axes_dim=args.axes_dim)
     print(f"wrote {out}")
 
 

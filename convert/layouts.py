@@ -134,17 +134,28 @@ def _count_blocks(shape_of: Callable[[str], tuple[int, ...] | None], template: s
     return n
 
 
-def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
-    """FLUX's rotary split (16, 56, 56) for head dim 128, scaled to other head dims: D/8, then halves."""
-    first = head_dim // 8
-    rest = (head_dim - first) // 2
-    return (first, rest, head_dim - first - rest)
+FLUX_AXES_DIM = (16, 56, 56)  # FLUX's rotary split of its head dim 128 over (time, height, width)
+NOT_ARCHITECTURE = frozenset({"param_dtype", "dtype", "remat", "scan_blocks"})  # a load's choices, not the file's
 
 
-def infer_config(shape_of: Callable[[str], tuple[int, ...] | None]) -> FluxConfig:
+def rope_axes(head_dim: int, axes_dim: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The RoPE axes of a checkpoint that stores none: `axes_dim` if given, FLUX's split for head dim
+    128; any other head dim has no known split, so the caller must say it (ValueError saying how)."""
+    if axes_dim is not None:
+        return tuple(axes_dim)
+    if head_dim == sum(FLUX_AXES_DIM):
+        return FLUX_AXES_DIM
+    raise ValueError(
+        f"head dim {head_dim}: the file stores no RoPE axes and only head dim 128 has a known split {FLUX_AXES_DIM}; "
+        f"pass the model's axes_dim=(a, b, c) (even, summing to {head_dim}) or config=FluxConfig(...) to load_flux, "
+        "or --axes-dim A,B,C on the command line"
+    )
+
+
+def infer_config(shape_of: Callable[[str], tuple[int, ...] | None], axes_dim: tuple[int, ...] | None = None) -> FluxConfig:
     """A FluxConfig from tensor shapes alone. `shape_of(our_path)` gives a leaf's shape in our layout
     (kernels (in, out)) or None where the checkpoint has no such tensor. RoPE axes are not stored in
-    a checkpoint; they follow FLUX's split (`default_axes_dim`), theta is FLUX's 10,000."""
+    a checkpoint: `axes_dim`, else FLUX's for head dim 128 (`rope_axes`); theta is FLUX's 10,000."""
     hidden_in = shape_of("img_in.kernel")
     in_channels, hidden = hidden_in
     head_dim = shape_of("double_blocks.0.img_attn.norm.query_norm.scale")
@@ -163,11 +174,19 @@ def infer_config(shape_of: Callable[[str], tuple[int, ...] | None]) -> FluxConfi
         num_heads=hidden // head_dim,
         depth=_count_blocks(shape_of, "double_blocks.{}.img_attn.qkv.kernel"),
         depth_single_blocks=_count_blocks(shape_of, "single_blocks.{}.linear1.kernel"),
-        axes_dim=default_axes_dim(head_dim),
+        axes_dim=rope_axes(head_dim, axes_dim),
         qkv_bias=shape_of("double_blocks.0.img_attn.qkv.bias") is not None,
         guidance_embed=shape_of("guidance_in.in_layer.kernel") is not None,
         out_channels=shape_of("final_layer.linear.kernel")[1],
     )
+
+
+def disagreements(found: FluxConfig, given: dict, ignore: frozenset[str] = NOT_ARCHITECTURE) -> list[str]:
+    """The architecture fields of `given` (FluxConfig field -> value) that differ from `found`, each
+    as "field GIVEN (the checkpoint has FOUND)"; dtypes and execution choices are not compared."""
+    have = found.to_dict()
+    return [f"{name} {value} (the checkpoint has {have[name]})"
+            for name, value in given.items() if name not in ignore and value != have[name]]
 
 
 def config_from_diffusers(data: dict) -> FluxConfig:
@@ -187,7 +206,7 @@ def config_from_diffusers(data: dict) -> FluxConfig:
         num_heads=heads,
         depth=int(data["num_layers"]),
         depth_single_blocks=int(data["num_single_layers"]),
-        axes_dim=tuple(data.get("axes_dims_rope", (16, 56, 56))),
+        axes_dim=tuple(data.get("axes_dims_rope", FLUX_AXES_DIM)),
         guidance_embed=bool(data.get("guidance_embeds", False)),
     )
 

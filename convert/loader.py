@@ -7,9 +7,11 @@ model does not use and leaves the source cannot fill are errors, named before an
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flax import nnx
@@ -20,8 +22,8 @@ from tqdm.auto import tqdm
 from convert import layouts
 from convert.atomic import is_remote
 from convert.errors import CheckpointError
-from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint
-from convert.packed_io import file_format, load_packed_safetensors
+from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint, read_meta
+from convert.packed_io import file_format, load_packed_safetensors, read_packed_meta
 from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
@@ -36,6 +38,8 @@ def load_flux(
     dtype=None,
     mesh: Mesh | None = None,
     progress: bool = False,
+    config: FluxConfig | None = None,
+    axes_dim: Sequence[int] | None = None,
 ) -> Flux:
     """Loads a FLUX transformer from a BFL .safetensors file, a diffusers transformer folder, a
     diffusers pipeline root, a hub id in the local Hugging Face cache, one of our Orbax checkpoints
@@ -43,19 +47,56 @@ def load_flux(
 
     dtype: a name ("float32", "bfloat16") or dtype for parameters and compute; by default float32
     checkpoints stay float32 and everything else (bf16, fp16, fp8) becomes bfloat16.
-    mesh: place each parameter straight into its shards (logical rules of `flux_jax.sharding`).
+    mesh: place each parameter straight into its shards (logical rules of `flux_jax.sharding`);
+    without one, everything goes to this process's first device, whatever devices saved it.
+    config / axes_dim (one of them): the architecture, or only the RoPE axes, of a checkpoint that
+    stores none (a BFL file, a diffusers folder without config.json), where they are needed for
+    head dims other than FLUX's 128. A checkpoint that stores its config must agree with them.
+    The config's dtypes and execution choices (remat, scan_blocks) are not used: `dtype` decides.
     Raises CheckpointError naming the file, folder or key at fault.
     """
+    given = _given_architecture(config, axes_dim)
     location = locate(path)
     if location.is_dir() and is_flux_checkpoint(location):
+        _check_given(location, read_meta(location)[1], given)
         return load_flux_checkpoint(location, dtype=dtype, mesh=mesh)
     if is_remote(path):
         raise CheckpointError(f"{os.fspath(path)}: only our Orbax checkpoints are read from remote locations; copy "
                               "safetensors files to a local disk (or convert them with python -m convert.torch_to_flax)")
     if location.is_file() and location.suffix == ".safetensors" and file_format(location):
+        _check_given(location, read_packed_meta(location)[0], given)
         return load_packed_safetensors(location, dtype=dtype, mesh=mesh)
     tensors, config_json = find_tensor_files(location)
-    return _load_safetensors(tensors, config_json, dtype=dtype, mesh=mesh, progress=progress)
+    return _load_safetensors(tensors, config_json, given, dtype=dtype, mesh=mesh, progress=progress)
+
+
+def _given_architecture(config: FluxConfig | None, axes_dim: Sequence[int] | None) -> dict:
+    """What the caller said about the architecture, as FluxConfig fields (empty: nothing)."""
+    if config is not None and axes_dim is not None:
+        raise CheckpointError("load_flux: pass config= or axes_dim=, not both (a config carries its axes_dim)")
+    if config is not None:
+        return config.to_dict()
+    return {"axes_dim": [int(a) for a in axes_dim]} if axes_dim is not None else {}
+
+
+def _check_given(name: str | os.PathLike, found: FluxConfig, given: dict) -> None:
+    """A config or RoPE axes the caller gave must describe the checkpoint; the differing fields are named."""
+    wrong = layouts.disagreements(found, given)
+    if wrong:
+        raise CheckpointError(f"{name}: the given config disagrees with the checkpoint: {'; '.join(wrong)}")
+
+
+def add_axes_dim_flag(parser: argparse.ArgumentParser) -> None:
+    """`--axes-dim A,B,C`, the command line's `load_flux(axes_dim=...)`."""
+    parser.add_argument("--axes-dim", type=_axes_dim_value, default=None, metavar="A,B,C",
+                        help="RoPE axes of a BFL file with a head dim other than 128 (such files do not store them)")
+
+
+def _axes_dim_value(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(a) for a in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers, e.g. 16,56,56") from None
 
 
 def locate(path: str | os.PathLike) -> Path:
@@ -128,7 +169,7 @@ def default_dtype(tensors: SafetensorsFiles, key: str) -> str:
     return "float32" if tensors.dtype_name(key) == "F32" else "bfloat16"
 
 
-def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dtype, mesh, progress) -> Flux:
+def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, given: dict, *, dtype, mesh, progress) -> Flux:
     keys = tensors.keys()
     prefix = next((p for p in layouts.BFL_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
     layout = layouts.detect_layout([k[len(prefix) :] for k in keys])
@@ -151,11 +192,9 @@ def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dt
 
     if layout == layouts.DIFFUSERS and config_json is not None:
         config = _read_diffusers_config(config_json)
+        _check_given(config_json, config, given)
     else:
-        try:
-            config = layouts.infer_config(shape_of)
-        except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
-            raise CheckpointError(f"{tensors.name}: cannot infer the FLUX config from tensor shapes ({err})") from None
+        config = _inferred_config(tensors.name, shape_of, given)
     first_key = prefix + source_of("img_in.kernel").keys[0]
     config = config.with_dtype(dtype if dtype is not None else default_dtype(tensors, first_key))
 
@@ -169,6 +208,18 @@ def _load_safetensors(tensors: SafetensorsFiles, config_json: Path | None, *, dt
 
     bar = lambda leaves: tqdm(leaves, desc="converting", unit="tensor", disable=not progress)  # noqa: E731
     return fill(abstract, value_of, mesh=mesh, progress=bar)
+
+
+def _inferred_config(name: str, shape_of: Callable[[str], tuple[int, ...] | None], given: dict) -> FluxConfig:
+    """The config of a checkpoint that stores none: from its tensor shapes, with the caller's RoPE
+    axes and theta (which no tensor shape shows) and the rest checked against theirs."""
+    axes_dim = given.get("axes_dim")
+    try:
+        found = layouts.infer_config(shape_of, tuple(axes_dim) if axes_dim is not None else None)
+    except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
+        raise CheckpointError(f"{name}: cannot infer the FLUX config from tensor shapes ({err})") from None
+    _check_given(name, found, {k: v for k, v in given.items() if k != "theta"})
+    return found.replace(theta=given.get("theta", found.theta))
 
 
 def check_keys(name: str, have: set[str], needed: set[str], ignored: set[str] = frozenset(), what: str = "") -> None:

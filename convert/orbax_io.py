@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from convert.atomic import atomic_directory, is_remote, location
 from convert.errors import CheckpointError
@@ -80,6 +80,15 @@ def read_meta(path: str | os.PathLike) -> tuple[str, FluxConfig, QuantPolicy | N
     return kind, config, policy
 
 
+def restore_sharding(var: nnx.Variable, mesh: Mesh | None):
+    """Where a restored leaf goes: its shards on `mesh`, else this process's first device. Never None,
+    which would make Orbax restore the layout the checkpoint was saved with (a multi-device run's
+    checkpoint then fails to load on any other device count)."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.local_devices()[0])
+    return leaf_sharding(var, mesh)
+
+
 def load_flux_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> Flux:
     """Restores one of our checkpoints straight into its shards (each device reads its slices).
 
@@ -87,7 +96,7 @@ def load_flux_checkpoint(path: str | os.PathLike, *, dtype=None, mesh: Mesh | No
     kind, stored, policy = read_meta(path)
     abstract = nnx.eval_shape(lambda: build(stored, kind, policy, rngs=nnx.Rngs(0)))
     targets = nnx.to_pure_dict(jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=leaf_sharding(v, mesh)),
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=restore_sharding(v, mesh)),
         nnx.state(abstract), is_leaf=lambda x: isinstance(x, nnx.Variable),
     ))
     params_dir = location(path) / PARAMS_DIR

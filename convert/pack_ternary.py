@@ -3,22 +3,25 @@
     python -m convert.pack_ternary runs/distill/student ckpt/flux-dev-packed          # a trained student
     python -m convert.pack_ternary black-forest-labs/FLUX.1-dev ckpt/flux-dev-ptq     # PTQ baseline
     python -m convert.pack_ternary ckpt/student ckpt/packed --archive --safetensors
+    python -m convert.pack_ternary small-flux.safetensors ckpt/small-ptq --axes-dim 8,28,28       # head dim 64
 
 SRC is a trained student (our checkpoint), or any full-precision checkpoint `load_flux` reads, which
 is then ternarized without training (post-training quantization, the baseline the paper beats).
 OUT is an Orbax checkpoint of the packed model; `--safetensors` adds OUT/packed.safetensors (the same
 weights, for use outside JAX) and `--archive` OUT/archive.safetensors (base-3 codes, 1.6 bits a weight).
+A BFL file stores no RoPE axes: one whose head dim is not FLUX's 128 needs `--axes-dim`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from convert.atomic import atomic_directory
 from convert.cli import reported_errors, src_out_parser
 from convert.errors import CheckpointError
-from convert.loader import load_flux
+from convert.loader import add_axes_dim_flag, load_flux
 from convert.orbax_io import write_flux
 from convert.packed_io import write_packed_safetensors
 from flux_jax.ternary import QuantPolicy, describe, pack_model, quantize_model
@@ -35,10 +38,12 @@ def pack_checkpoint(
     safetensors: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    axes_dim: Sequence[int] | None = None,
 ) -> Path:
-    """Packs SRC (a student, or a full-precision model quantized with `policy`) into OUT, atomically."""
+    """Packs SRC (a student, or a full-precision model quantized with `policy`) into OUT, atomically.
+    `axes_dim`: SRC's RoPE axes where it stores none (see `load_flux`)."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        model = load_flux(src, progress=progress)
+        model = load_flux(src, progress=progress, axes_dim=axes_dim)
         kind, _ = describe(model)
         if kind == "packed":
             raise CheckpointError(f"{src}: already a packed model")
@@ -58,10 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-tensor", action="store_true", help="PTQ only: one scale per tensor instead of per output channel")
     parser.add_argument("--archive", action="store_true", help="also write OUT/archive.safetensors (base-3 codes)")
     parser.add_argument("--safetensors", action="store_true", help="also write OUT/packed.safetensors")
+    add_axes_dim_flag(parser)
     args = parser.parse_args(argv)
     with reported_errors(PROG):
         out = pack_checkpoint(args.src, args.out, policy=QuantPolicy(per_channel=not args.per_tensor), archive=args.archive,
-                              safetensors=args.safetensors, overwrite=args.overwrite, progress=not args.no_progress)
+                              safetensors=args.safetensors, overwrite=args.overwrite, progress=not args.no_progress,
+                              axes_dim=args.axes_dim)
     print(f"wrote {out}")
 
 

@@ -33,8 +33,7 @@ _BASE3 = "codes_base3"
 def file_format(path: Path) -> str | None:
     """PACKED or ARCHIVE for our files, None for any other safetensors file."""
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            found = (handle.metadata() or {}).get("format")
+        found = _metadata(path).get("format")
     except SafetensorError:  # unreadable files are reported by the regular loader
         return None
     return found if found in (PACKED, ARCHIVE) else None
@@ -59,20 +58,28 @@ def write_packed_safetensors(model: Flux, path: Path, *, archive: bool = False) 
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_packed_safetensors(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Flux:
+def _metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="numpy") as handle:
-        metadata = handle.metadata() or {}
+        return handle.metadata() or {}
+
+
+def read_packed_meta(path: Path) -> tuple[FluxConfig, QuantPolicy]:
+    """(config, policy) stored in the metadata of one of our packed files."""
+    metadata = _metadata(path)
     try:
-        config = FluxConfig.from_dict(json.loads(metadata["config"]))
-        policy = QuantPolicy.from_dict(json.loads(metadata["policy"]))
+        return FluxConfig.from_dict(json.loads(metadata["config"])), QuantPolicy.from_dict(json.loads(metadata["policy"]))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: bad config or policy in the metadata ({err})") from None
+
+
+def load_packed_safetensors(path: Path, *, dtype=None, mesh: Mesh | None = None) -> Flux:
+    config, policy = read_packed_meta(path)
     if dtype is not None:
         config = config.with_dtype(dtype)
     abstract = nnx.eval_shape(lambda: build(config, "packed", policy, rngs=nnx.Rngs(0)))
     widths = packed_widths(abstract)
     tensors = SafetensorsFiles([path])
-    archive = metadata.get("format") == ARCHIVE
+    archive = file_format(path) == ARCHIVE
 
     def value_of(leaf_path, var):
         name = ".".join(map(str, leaf_path))

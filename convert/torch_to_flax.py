@@ -13,11 +13,12 @@ OUT appears only when the whole conversion succeeded.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from convert.atomic import atomic_directory
 from convert.cli import reported_errors, src_out_parser
-from convert.loader import load_flux
+from convert.loader import add_axes_dim_flag, load_flux
 from convert.orbax_io import write_flux
 from convert.pipeline_io import write_bundle
 
@@ -26,15 +27,16 @@ PROG = "python -m convert.torch_to_flax"
 
 def convert_checkpoint(
     src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False,
-    progress: bool = True, pipeline: bool = False,
+    progress: bool = True, pipeline: bool = False, axes_dim: Sequence[int] | None = None,
 ) -> Path:
     """Streams SRC's tensors into a Flax model (one model copy plus one tensor in host memory) and
-    writes it to OUT as Orbax + flux_jax.json, through a temporary folder renamed at the end."""
+    writes it to OUT as Orbax + flux_jax.json, through a temporary folder renamed at the end.
+    `axes_dim`: SRC's RoPE axes where it stores none (see `load_flux`)."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
         if pipeline:
             write_bundle(src, tmp, dtype=dtype, progress=progress)
         else:
-            write_flux(load_flux(src, dtype=dtype, progress=progress), tmp)
+            write_flux(load_flux(src, dtype=dtype, progress=progress, axes_dim=axes_dim), tmp)
     return Path(out)
 
 
@@ -44,10 +46,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pipeline", action="store_true", help="SRC is a whole pipeline folder: write a FluxPipeline bundle")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="parameter and compute dtype (default: float32 stays float32, anything else becomes bfloat16)")
+    add_axes_dim_flag(parser)
     args = parser.parse_args(argv)
+    if args.pipeline and args.axes_dim:
+        parser.error("--axes-dim is for a single transformer checkpoint; a pipeline's config.json holds its axes")
     with reported_errors(PROG):
         out = convert_checkpoint(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-                                 pipeline=args.pipeline)
+                                 pipeline=args.pipeline, axes_dim=args.axes_dim)
     print(f"wrote {out}")
 
 

@@ -70,17 +70,63 @@ def test_bfl_single_file_matches_diffusers_own_converter(config, prefix, tmp_pat
     reference = diffusers_model(config)
     reference.load_state_dict(converted, strict=True)
 
-    ours = load_flux(tmp_path / "flux1-tiny.safetensors")
+    ours = load_flux(tmp_path / "flux1-tiny.safetensors", axes_dim=config.axes_dim)
     assert ours.config == config
     inputs = random_inputs(config, height=3, width=5)
     assert_close(run_ours(ours, inputs), run_diffusers(reference, inputs))
+
+
+@pytest.mark.parametrize("how", ["axes_dim", "config"])
+def test_bfl_file_loads_with_the_rope_axes_the_caller_gives(how, tmp_path):
+    """A BFL file stores no RoPE axes: the given ones are used (parity with diffusers built with them),
+    and another split, which no tensor shape can reveal, gives other outputs."""
+    config = TINY_DEV.replace(axes_dim=(8, 12, 12))  # not the (4, 14, 14) a head-dim rule would guess
+    reference = diffusers_model(config, seed=6)
+    reference.save_pretrained(tmp_path / "diffusers")
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file(bfl_state_dict(load_flux(tmp_path / "diffusers")), path)
+    given = {"axes_dim": (8, 12, 12)} if how == "axes_dim" else {"config": config.replace(remat=True)}  # remat: not the file's
+    ours = load_flux(path, **given)
+    assert ours.config == config
+    inputs = random_inputs(config)
+    expected = run_diffusers(reference, inputs)
+    assert_close(run_ours(ours, inputs), expected)
+    other = run_ours(load_flux(path, axes_dim=(4, 14, 14)), inputs)
+    assert np.abs(other - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+def test_bfl_file_of_head_dim_128_keeps_flux_rope_axes(tmp_path):
+    config = TINY_DEV.replace(hidden_size=128, num_heads=1, axes_dim=(16, 56, 56))
+    save_file(bfl_state_dict(Flux(config, rngs=nnx.Rngs(0))), tmp_path / "flux1.safetensors")
+    assert load_flux(tmp_path / "flux1.safetensors").config == config
+
+
+def test_bfl_file_of_another_head_dim_without_axes_is_refused_saying_what_to_pass(tmp_path):
+    save_file(bfl_state_dict(Flux(TINY_DEV, rngs=nnx.Rngs(0))), tmp_path / "flux1.safetensors")
+    with pytest.raises(CheckpointError, match=r"head dim 32: the file stores no RoPE axes.*axes_dim=.*config=.*--axes-dim"):
+        load_flux(tmp_path / "flux1.safetensors")
+
+
+def test_a_given_config_must_agree_with_the_checkpoint(reference, tmp_path):
+    save_file(bfl_state_dict(Flux(TINY_DEV, rngs=nnx.Rngs(0))), tmp_path / "flux1.safetensors")
+    with pytest.raises(CheckpointError, match=r"flux1.safetensors: the given config disagrees with the checkpoint: "
+                                              r"depth 3 \(the checkpoint has 2\)"):
+        load_flux(tmp_path / "flux1.safetensors", config=TINY_DEV.replace(depth=3))
+    reference.save_pretrained(tmp_path / "diffusers")
+    save_flux(load_flux(tmp_path / "diffusers"), tmp_path / "ours")
+    for stored in ("diffusers", "ours"):  # a config.json / our JSON holds the axes: the given ones must match
+        with pytest.raises(CheckpointError, match=r"axes_dim \[8, 12, 12\] \(the checkpoint has \[4, 14, 14\]\)"):
+            load_flux(tmp_path / stored, axes_dim=(8, 12, 12))
+        assert load_flux(tmp_path / stored, config=TINY_DEV.replace(param_dtype="bfloat16")).config == TINY_DEV
+    with pytest.raises(CheckpointError, match="not both"):
+        load_flux(tmp_path / "ours", config=TINY_DEV, axes_dim=TINY_DEV.axes_dim)
 
 
 def test_bfl_repository_root_skips_the_autoencoder(tmp_path):
     state = bfl_state_dict(Flux(TINY_DEV, rngs=nnx.Rngs(0)))
     save_file(state, tmp_path / "flux1-dev.safetensors")
     save_file({"decoder.conv_in.weight": np.zeros((2, 2), np.float32)}, tmp_path / "ae.safetensors")
-    assert load_flux(tmp_path).config == TINY_DEV
+    assert load_flux(tmp_path, axes_dim=TINY_DEV.axes_dim).config == TINY_DEV
 
 
 def test_orbax_round_trip_keeps_every_weight(reference, tmp_path):
@@ -151,8 +197,8 @@ def test_cli_converts_diffusers_and_bfl_checkpoints(reference, reference_out, tm
     reference.save_pretrained(tmp_path / "diffusers")
     save_file(bfl_state_dict(load_flux(tmp_path / "diffusers")), tmp_path / "flux1-tiny.safetensors")
     inputs, expected = reference_out
-    for src in ("diffusers", "flux1-tiny.safetensors"):
-        done = _run_cli(tmp_path / src, tmp_path / f"out-{src}", "--no-progress")
+    for src, flags in (("diffusers", ()), ("flux1-tiny.safetensors", ("--axes-dim", "4,14,14"))):
+        done = _run_cli(tmp_path / src, tmp_path / f"out-{src}", "--no-progress", *flags)
         assert done.returncode == 0, done.stderr
         assert (tmp_path / f"out-{src}" / "flux_jax.json").is_file()
         assert_close(run_ours(load_flux(tmp_path / f"out-{src}"), inputs), expected)

@@ -16,9 +16,13 @@ from flux_jax import Flux
 from tests.torch_reference import TINY_DEV, bfl_state_dict, diffusers_model
 
 
+# Head dim 128: a BFL file whose RoPE axes need not be given (FLUX's), so each case reaches its own fault.
+BFL_CONFIG = TINY_DEV.replace(hidden_size=128, num_heads=1, axes_dim=(16, 56, 56))
+
+
 @pytest.fixture(scope="module")
 def bfl_state():
-    return bfl_state_dict(Flux(TINY_DEV, rngs=nnx.Rngs(0)))
+    return bfl_state_dict(Flux(BFL_CONFIG, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,14 @@ def unexpected_key(tmp_path, bfl_state, **_):
 
 
 def wrong_shape(tmp_path, bfl_state, **_):
-    state = {**bfl_state, "single_blocks.1.linear2.weight": np.zeros((64, 300), np.float32)}
-    return _bfl_file(tmp_path, state), "tensor 'single_blocks.1.linear2.weight' has shape (64, 300), expected (64, 320)"
+    state = {**bfl_state, "single_blocks.1.linear2.weight": np.zeros((128, 600), np.float32)}
+    return _bfl_file(tmp_path, state), "tensor 'single_blocks.1.linear2.weight' has shape (128, 600), expected (128, 640)"
+
+
+def head_dim_without_rope_axes(tmp_path, **_):
+    state = bfl_state_dict(Flux(TINY_DEV, rngs=nnx.Rngs(0)))  # head dim 32: no known split
+    return _bfl_file(tmp_path, state), ("head dim 32: the file stores no RoPE axes and only head dim 128 has a known "
+                                        "split (16, 56, 56); pass the model's axes_dim=(a, b, c)")
 
 
 def corrupt_config(tmp_path, diffusers_folder, **_):
@@ -145,7 +155,7 @@ def orbax_params_missing(tmp_path, **_):
 
 BAD_INPUTS = [
     no_such_path, empty_file, truncated_file, garbage_header, other_model, missing_key, unexpected_key,
-    wrong_shape, corrupt_config, config_of_another_model, config_missing_field, config_disagrees_with_tensors,
+    wrong_shape, head_dim_without_rope_axes, corrupt_config, config_of_another_model, config_missing_field, config_disagrees_with_tensors,
     shard_missing, empty_folder, not_cached_hub_id, pickle_file, corrupt_orbax_meta, orbax_params_missing,
 ]
 

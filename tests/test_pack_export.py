@@ -45,6 +45,32 @@ def test_pack_a_full_precision_checkpoint_is_post_training_quantization(folders,
     assert_close(run_ours(ptq, inputs), run_ours(pack_model(quantize_model(load_flux(folders / "teacher"))), inputs), rel=1e-6)
 
 
+def test_pack_a_bfl_file_takes_its_rope_axes_from_the_flag(folders, tmp_path, capsys):
+    """PTQ of a BFL file with head dim 32, whose RoPE axes only the user knows: refused without
+    --axes-dim (naming the flag), packed with exactly those axes with it."""
+    from safetensors.numpy import save_file
+
+    from tests.torch_reference import bfl_state_dict
+
+    config = TINY_DEV.replace(axes_dim=(8, 12, 12))
+    save_file(bfl_state_dict(load_flux(folders / "teacher")), tmp_path / "flux1.safetensors")
+    code, line = _error_of(pack_main, [str(tmp_path / "flux1.safetensors"), str(tmp_path / "ptq"), "--no-progress"], capsys)
+    assert code == 1 and "head dim 32" in line and "--axes-dim A,B,C" in line and not (tmp_path / "ptq").exists()
+
+    pack_main([str(tmp_path / "flux1.safetensors"), str(tmp_path / "ptq"), "--axes-dim", "8,12,12", "--no-progress"])
+    ptq = load_flux(tmp_path / "ptq")
+    assert ptq.config == config
+    teacher = load_flux(tmp_path / "flux1.safetensors", axes_dim=(8, 12, 12))  # honoured: tests/test_convert.py
+    inputs = random_inputs(TINY_DEV)
+    np.testing.assert_array_equal(run_ours(ptq, inputs), run_ours(pack_model(quantize_model(teacher)), inputs))
+
+
+def test_axes_dim_flag_must_be_integers(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        pack_main([str(tmp_path), str(tmp_path / "out"), "--axes-dim", "16,56,x"])
+    assert info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("source", ["student", "packed"])
 def test_export_to_diffusers_runs_with_the_students_outputs(folders, tmp_path, source):
     src = folders / "student"
