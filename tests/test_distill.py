@@ -29,8 +29,22 @@ BASE = DistillConfig(teacher="tiny", num_random_prompts=16, text_length=4, laten
                      mesh=MeshConfig(data=1, fsdp=1, tensor=1))
 
 
+EIGHT = MeshConfig(data=2, fsdp=4, tensor=1)
+
+
 def run(tmp_path, name, **changes):
     return distill.train(dataclasses.replace(BASE, workdir=str(tmp_path / name), **changes))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted BASE run on one device, which the resume and mesh tests compare against."""
+    return run(tmp_path_factory.mktemp("straight"), "run")["losses"]
+
+
+@pytest.fixture(scope="module")
+def straight_on_eight(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("straight-eight"), "run", mesh=EIGHT)["losses"]
 
 
 def fixed_states_loss(student, teacher):
@@ -44,14 +58,19 @@ def fixed_states_loss(student, teacher):
 
 
 def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
-    result = run(tmp_path, "run", steps=80, learning_rate=3e-3, save_every=80, sample_every=40)
+    result = run(tmp_path, "run", steps=80, learning_rate=3e-3, save_every=80, sample_every=40, profile_steps=(3, 4))
     teacher = Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(BASE.seed))  # the trainer's random teacher
     before = fixed_states_loss(quantize_model(teacher), teacher)
     after = fixed_states_loss(result["student"], teacher)
     assert after < 0.75 * before, (before, after)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81))
-    assert {"loss", "velocity_loss", "feature_loss", "grad_norm", "lr", "step_time_s", "samples_per_s"} <= set(rows[0])
+    assert {"loss", "velocity_loss", "feature_loss", "grad_norm", "lr", "step_time_s", "samples_per_s", "tokens_per_s"} <= set(rows[0])
+    assert rows[0]["compile_s"] > 0 and not any("compile_s" in r for r in rows[1:])  # once per start
+    for row in rows:  # 4 x 4 image patches and 4 text tokens per sample, 8 samples per step
+        np.testing.assert_allclose([row["samples_per_s"], row["tokens_per_s"]], [8 / row["step_time_s"], 8 * 20 / row["step_time_s"]], rtol=1e-6)
+    traces = [f for _, _, files in os.walk(tmp_path / "run" / "profile") for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
     assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step-0000040.png", "step-0000080.png"]
     from PIL import Image
 
@@ -59,16 +78,18 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
     assert grid.shape == (2 * 8 * 4, 4 * 8 * 4, 3) and grid.std() > 0  # teacher row over student row, 4 prompts
     events = os.listdir(tmp_path / "run" / "tensorboard")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags = {v.tag for e in EventFileLoader(str(tmp_path / "run" / "tensorboard" / events[0])).Load() for v in e.summary.value}
+    assert {"loss", "compile_s", "samples_per_s", "tokens_per_s"} <= tags
     exported = load_flux(tmp_path / "run" / "student")
     assert describe(exported)[0] == "student"
     assert fixed_states_loss(exported, teacher) == pytest.approx(after, rel=1e-5)
 
 
-def test_eight_devices_give_the_losses_of_one(tmp_path):
-    one = run(tmp_path, "one", steps=3)["losses"]
-    eight = run(tmp_path, "eight", steps=3, mesh=MeshConfig(data=2, fsdp=4, tensor=1))["losses"]
-    assert one.keys() == eight.keys()
-    np.testing.assert_allclose([eight[k] for k in one], [one[k] for k in one], rtol=1e-4)
+def test_eight_devices_give_the_losses_of_one(straight, straight_on_eight):
+    assert straight.keys() == straight_on_eight.keys() == set(range(1, 7))
+    np.testing.assert_allclose([straight_on_eight[k] for k in straight], [straight[k] for k in straight], rtol=1e-4)
 
 
 class Crash(Exception):
@@ -89,13 +110,21 @@ def crash_after(monkeypatch, crash_step):
     monkeypatch.setattr(checkpointing, "save", saving_then_crashing)
 
 
-def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    straight = run(tmp_path, "straight")["losses"]
+def counting_quantizations(monkeypatch) -> list:
+    """Calls of the trainer's quantize_model (the fresh student's only source), one entry each."""
+    calls, real = [], distill.quantize_model
+    monkeypatch.setattr(distill, "quantize_model", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, straight):
     with monkeypatch.context() as patch:
         crash_after(patch, 5)  # step 5 is logged but not saved: the resumed run does it again
         with pytest.raises(Crash):
             run(tmp_path, "resumed")
+    quantized = counting_quantizations(monkeypatch)
     resumed = run(tmp_path, "resumed")["losses"]
+    assert quantized == []  # restored into shapes: no student was quantized only to be overwritten
     assert sorted(resumed) == [5, 6]
     np.testing.assert_allclose([resumed[5], resumed[6]], [straight[5], straight[6]], rtol=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -103,15 +132,55 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     np.testing.assert_allclose(rows[4]["loss"], straight[5], rtol=1e-6)
 
 
-def test_resume_onto_a_smaller_mesh(tmp_path, monkeypatch):
-    big = MeshConfig(data=1, fsdp=8, tensor=1)
-    straight = run(tmp_path, "straight", mesh=big)["losses"]
+def test_resume_onto_a_smaller_mesh(tmp_path, monkeypatch, straight_on_eight):
     with monkeypatch.context() as patch:
         crash_after(patch, 2)
         with pytest.raises(Crash):
-            run(tmp_path, "moved", mesh=big)
-    moved = run(tmp_path, "moved", mesh=MeshConfig(data=1, fsdp=4, tensor=1))["losses"]
-    np.testing.assert_allclose([moved[k] for k in (3, 4)], [straight[k] for k in (3, 4)], rtol=1e-4)
+            run(tmp_path, "moved", mesh=EIGHT)
+    moved = run(tmp_path, "moved", mesh=MeshConfig(data=1, fsdp=4, tensor=1))["losses"]  # the mesh may change freely
+    np.testing.assert_allclose([moved[k] for k in (3, 4)], [straight_on_eight[k] for k in (3, 4)], rtol=1e-4)
+
+
+def test_resume_with_other_settings_names_each_change_and_stops(tmp_path, capsys):
+    config = dataclasses.replace(BASE, workdir=str(tmp_path / "run"))
+    distill.record_config(config)  # what the first start of a run writes
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 1e-3
+    changed = dataclasses.replace(config, learning_rate=2e-3, seed=1, steps=9, log_every=3, mesh=MeshConfig(data=1, fsdp=2, tensor=1))
+    with pytest.raises(distill.ConfigError) as info:
+        distill.train(changed)  # refused before the teacher is loaded
+    message = str(info.value)
+    for change in ("learning_rate: 0.001 -> 0.002", "seed: 0 -> 1", "steps: 6 -> 9", "--allow-config-change learning_rate seed steps"):
+        assert change in message, message
+    assert "log_every" not in message and "mesh" not in message  # free to change on resume
+    with pytest.raises(distill.ConfigError, match="learning_rate"):
+        distill.check_resume(dataclasses.replace(changed, allow_config_change=("seed", "steps")))
+    with pytest.raises(distill.ConfigError, match="'lr' not a setting"):
+        distill.check_resume(dataclasses.replace(changed, allow_config_change=("lr",)))
+    capsys.readouterr()
+    distill.check_resume(dataclasses.replace(changed, allow_config_change=("learning_rate", "seed", "steps")))
+    accepted = capsys.readouterr().out.splitlines()
+    assert accepted == [f"resuming with a changed setting (--allow-config-change): {change}"
+                        for change in ("learning_rate: 0.001 -> 0.002", "seed: 0 -> 1", "steps: 6 -> 9")]
+
+
+def test_a_fresh_student_is_one_compiled_program(caplog):
+    """Quantizing, placing and giving the student its optimizer compiles one program (leaf by leaf it
+    was a hundred small ones), and places each leaf by its logical names."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    teacher = distill.load_teacher("tiny", mesh, seed=0)  # placed on the mesh, as the trainer's is
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"), jax.set_mesh(mesh):
+            student, optimizer = distill.new_state(BASE, teacher, mesh)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Finished XLA compilation")]
+    assert len(compiled) <= 2, compiled
+    reference = quantize_model(teacher)
+    for (path, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(student)), nnx.to_flat_state(nnx.state(reference))):
+        np.testing.assert_array_equal(np.asarray(ours[...]), np.asarray(theirs[...]), err_msg=str(path))
+    qkv = student.double_blocks[0].img_attn.qkv.kernel
+    assert qkv[...].sharding.is_equivalent_to(distill.leaf_sharding(qkv, mesh), 2) and "fsdp" in str(qkv[...].sharding.spec)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -179,37 +248,62 @@ def test_cli_unknown_flag_and_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m train.distill: error:")
 
 
-def test_two_processes_on_loopback_complete_a_run_and_write_one_checkpoint(tmp_path):
+def launch_two_processes(tmp_path, name: str, *flags: str) -> list:
+    """`python -m train.distill smoke` as two processes on loopback, two CPU devices each; output to
+    files, not pipes: a process blocked on a full pipe that the test is not reading yet would stall the
+    other one inside a collective. Returns [(process, stdout file, stderr file)]."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    common = ["smoke", "--steps", "4", "--save-every", "2", "--log-every", "1", "--workdir", str(tmp_path / "run"),
-              "--latent-height", "8", "--latent-width", "8", "--sampler-steps", "2", "--coordinator", f"127.0.0.1:{port}",
-              "--num-processes", "2"]
-    # Output to files, not pipes: a process blocked on a full pipe that the test is not reading yet
-    # would stall the other one inside a collective.
-    logs = [(tmp_path / f"process-{i}.out", tmp_path / f"process-{i}.err") for i in range(2)]
-    processes = []
-    for i, (out, err) in enumerate(logs):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "FLUX_JAX_CACHE": str(tmp_path / "cache")}  # the compile cache, shared by the two launches
+    common = ["smoke", "--workdir", str(tmp_path / "run"), "--latent-height", "8", "--latent-width", "8",
+              "--sampler-steps", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", *flags]
+    launched = []
+    for i in range(2):
+        out, err = tmp_path / f"{name}-{i}.out", tmp_path / f"{name}-{i}.err"
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            processes.append(subprocess.Popen([sys.executable, "-m", "train.distill", *common, "--process-id", str(i)],
-                                              env=env, stdout=stdout, stderr=stderr))
+            launched.append((subprocess.Popen([sys.executable, "-m", "train.distill", *common, "--process-id", str(i)],
+                                              env=env, stdout=stdout, stderr=stderr), out, err))
+    return launched
+
+
+def finished(launched) -> list[str]:
+    """The stdout of each process, once all have exited with 0."""
     try:
-        for p in processes:
+        for p, _, _ in launched:
             p.wait(timeout=400)
     finally:
-        for p in processes:
+        for p, _, _ in launched:
             p.kill()
-    for p, (out, err) in zip(processes, logs):
+    for p, _, err in launched:
         assert p.returncode == 0, err.read_text()[-3000:]
-        assert "done at step 4" in out.read_text()
+    return [out.read_text() for _, out, _ in launched]
+
+
+def test_two_processes_stop_together_resume_and_write_one_checkpoint(tmp_path):
+    """A SIGTERM to one host stops both at the same step (agreed on a logged step, not by a sync every
+    step); the run resumes with more steps (an accepted change) and both write its checkpoints and export."""
+    launched = launch_two_processes(tmp_path, "first", "--steps", "100000", "--save-every", "100000", "--log-every", "2")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    launched[1][0].send_signal(signal.SIGTERM)  # only the second host is told
+    stopped = [int(out.split("preempted, saved at step ")[1].split(";")[0]) for out in finished(launched)]
+    assert stopped[0] == stopped[1] and stopped[0] % 2 == 0, stopped  # the same step, a logged one
+    end = stopped[0] + 2
+    resumed = launch_two_processes(tmp_path, "resumed", "--steps", str(end), "--save-every", "100000", "--log-every", "2",
+                                   "--allow-config-change", "steps")
+    for out in finished(resumed):
+        assert f"done at step {end}" in out
     saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
-    assert {2, 4} <= set(saved) and max(saved) == 4  # one checkpoint tree per step, written together by both
-    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 4  # written by process 0 only
+    # one checkpoint tree per step, written together by both (Orbax also saves a run's first step)
+    assert {stopped[0], end} <= set(saved) and max(saved) == end
+    assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == list(range(2, end + 1, 2))  # process 0 only
+    assert describe(load_flux(tmp_path / "run" / "student"))[0] == "student"
 
 
 def test_latent_cache_is_built_once_resumes_and_feeds_training(tmp_path):

@@ -85,6 +85,26 @@ class DistillConfig:
     """at the end of a run on a world's teacher, print the evaluation table (`python -m train.evaluate`)"""
     eval_samples: int = 8
     """samples per prompt and model in that evaluation"""
+    allow_config_change: tuple[str, ...] = ()
+    """fields a resumed run may change from the settings its workdir was started with (WORKDIR/config.json),
+    e.g. `--allow-config-change steps learning_rate`; each accepted change is printed. Fields in
+    RESUME_FREE_FIELDS may always change."""
+    compile_cache: bool = True
+    """keep XLA compilations in JAX's persistent cache ($FLUX_JAX_CACHE/xla, default ~/.cache/flux_jax/xla), so
+    a restarted run does not compile its step again (`--no-compile-cache`: off)"""
+    profile_steps: tuple[int, int] | None = None
+    """`--profile-steps A B`: a jax.profiler trace of steps A..B (counted from 1) in WORKDIR/profile"""
+
+
+RESUME_FREE_FIELDS = frozenset({
+    "workdir", "mesh", "distributed", "coordinator", "num_processes", "process_id", "remat", "scan_blocks",
+    "save_every", "keep_checkpoints", "log_every", "sample_every", "pack", "evaluate", "eval_samples",
+    "allow_config_change", "compile_cache", "profile_steps",
+})
+"""What a resumed run may change without `--allow-config-change`: where and how the steps run (the mesh:
+checkpoints are resharded on restore; remat and scan_blocks change memory and compile time, not the
+result) and what is logged, saved and judged. Everything else changes what is trained, `steps` included
+(it sets the length of the learning-rate decay)."""
 
 
 PRESETS: dict[str, tuple[str, DistillConfig]] = {

@@ -9,20 +9,26 @@ velocities at those states, optionally plus the mismatch of their hidden states 
     python -m train.distill flux-dev --prompts prompts.txt --workdir gs://b/run
     python -m train.distill flux-dev --config run.toml --steps 100   # preset < file < flags
 
-One flat loop: mesh -> teacher, student, optimizer -> resume -> jit step -> log -> checkpoint. A run
-resumes from the latest checkpoint in its workdir, on any mesh; SIGTERM saves and exits; a non-finite
-loss stops the run and leaves the last good checkpoint as it was.
+Setup (mesh, teacher, prompts; the student quantized in one compiled program, or restored into shapes)
+then one flat loop of small steps: batch -> jit step -> on sync steps read the losses, agree to stop,
+log, sample, save. A run resumes from the latest checkpoint in its workdir, on any mesh, with the
+settings it was started with (WORKDIR/config.json; `--allow-config-change FIELD...` accepts changes);
+SIGTERM saves and exits; a non-finite loss stops the run and leaves the last good checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +41,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from convert import CheckpointError, load_flux, save_flux
-from convert.atomic import append_file, location, write_file
+from convert.atomic import append_file, location, persist, write_file
 from convert.orbax_io import META_FILE, is_flux_checkpoint, write_flux
 from convert.pipeline_io import load_prompt_encoder
 from flux_jax.config import PRESETS as MODEL_PRESETS
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
-from flux_jax.params import shard
-from flux_jax.ternary import QuantPolicy, pack_model, quantize_model
+from flux_jax.params import leaf_sharding
+from flux_jax.ternary import QuantPolicy, build, pack_model, quantize_model
 from train import checkpointing, optim
 from train.cache import build_cache, cached_state, load_cache
 from train.samples import sample_grid, save_png
 from train.tensorboard import ScalarWriter
-from train.config import PRESETS, DistillConfig
+from train.config import PRESETS, RESUME_FREE_FIELDS, DistillConfig
 from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, read_prompts, trajectory_state
 from train.losses import distill_loss
 from train.teacher import TeacherConfig, train_teacher
@@ -214,101 +220,312 @@ def make_train_step(config: DistillConfig, *, text_length: int, teacher_graph: n
 
 
 def train(config: DistillConfig) -> dict:
-    """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}."""
+    """Runs (or resumes) the distillation described by `config`; returns {"losses": {step: loss}, ...}.
+    Setup, then one flat loop whose every step is: batch -> step -> (on a sync step) read the losses,
+    agree to stop, log, sample, save."""
+    start_processes(config)  # before anything asks JAX about devices (check_resume asks for the process index)
+    check_resume(config)
     mesh, teacher, prompts = _setup(config)
-    policy = QuantPolicy(per_channel=config.per_channel, learnable_scale=config.learnable_scale, lowrank_rank=config.lowrank_rank)
-    student_config = teacher.config.replace(param_dtype=config.student_dtype, remat=config.remat)
-    with jax.set_mesh(mesh):
-        student = shard(quantize_model(teacher, policy, config=student_config), mesh)
-        optimizer = nnx.Optimizer(student, optimizer_for(config), wrt=nnx.Param)
-
-    mngr = checkpointing.manager(config.workdir, save_every=config.save_every, keep=config.keep_checkpoints)
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        state = checkpointing.restore(mngr, start, nnx.state((student, optimizer)))
-        nnx.update((student, optimizer), state)
-
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     latents = load_cache(config, len(prompts.txt)) if config.objective == "cache" else None
+    record_config(config)
+    mngr = checkpointing.manager(config.workdir, save_every=config.save_every, keep=config.keep_checkpoints)
+    start = mngr.latest_step() or 0
+    with jax.set_mesh(mesh):
+        student, optimizer = restored_state(config, teacher.config, mesh, mngr, start) if start else new_state(config, teacher, mesh)
     teacher_graph, teacher_weights = frozen(teacher)
     train_step = make_train_step(config, text_length=prompts.txt.shape[1], teacher_graph=teacher_graph)
-
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    is_main = jax.process_index() == 0
-    metrics_path = epath.Path(config.workdir) / "metrics.jsonl"
-    if is_main and start and metrics_path.exists():  # rows past the checkpoint are logged again on resume
-        rows = metrics_path.read_text().splitlines(keepends=True)
-        write_file(metrics_path, "".join(r for r in rows if json.loads(r)["step"] <= start).encode())
-    metrics_log = append_file(metrics_path) if is_main else None
-    board = ScalarWriter(str(epath.Path(config.workdir) / "tensorboard")) if is_main else None
-    lr = learning_rate(config)
-    losses: dict[int, float] = {}
-    unread: list[tuple[int, jax.Array, dict]] = []  # steps dispatched whose loss is not read yet
-    since = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill", disable=not is_main)
-    try:
-        for step in bar:
-            rows = batch_indices(len(prompts.txt), config.batch_size, config.seed, step)
-            txt, y = global_batch(prompts.txt[rows], batch_sharding), global_batch(prompts.y[rows], batch_sharding)
-            x0 = None if latents is None else global_batch(latents[rows], batch_sharding)
-            with jax.set_mesh(mesh):
-                loss, extras = train_step(student, optimizer, teacher_weights, txt, y, x0, jax.random.fold_in(jax.random.key(config.seed), step))
-            unread.append((step + 1, loss, extras))
-            if jax.process_count() > 1:  # one host's SIGTERM stops every host at the same step
-                stopping = multihost_utils.process_allgather(np.array(stop["signal"] is not None)).any()
-                stop["signal"] = stop["signal"] or (signal.SIGTERM if stopping else None)
-            logging = (step + 1) % config.log_every == 0 or step + 1 == config.steps
-            sampling = bool(config.sample_every) and (step + 1) % config.sample_every == 0
-            saving = step + 1 == config.steps or stop["signal"] is not None or mngr.should_save(step + 1)
-            if not (logging or sampling or saving):
-                continue  # no sync: the host runs ahead and queues the next step
-            # Every loss since the last read is checked before anything is logged or saved, so a
-            # non-finite one never reaches a checkpoint.
-            read = jax.device_get(unread)
-            seconds, since = (time.perf_counter() - since) / len(unread), time.perf_counter()
-            unread.clear()
-            for done, value, _ in read:
-                if not np.isfinite(value):
-                    mngr.wait_until_finished()
-                    raise TrainingError(f"loss is {float(value)} at step {done}; stopped without saving; the last good "
-                                        f"checkpoint is step {mngr.latest_step()} in {epath.Path(config.workdir) / 'checkpoints'}")
-                losses[done] = float(value)
-            loss, extras = losses[step + 1], read[-1][2]
-            bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{config.batch_size / seconds:.1f}")
-            if is_main and logging:
-                metrics = {"loss": loss, **{name: float(value) for name, value in extras.items()},
-                           "lr": float(lr(step // config.grad_accum)), "step_time_s": seconds,
-                           "samples_per_s": config.batch_size / seconds}
-                metrics_log.write((json.dumps({"step": step + 1, **metrics}) + "\n").encode())
-                metrics_log.flush()
-                board.scalars(step + 1, metrics)
-            if sampling:
+    batches = Batches(config, prompts, latents, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    progress = Progress()
+    profiler = Profiler(config)
+    with stop_on_sigterm(progress):
+        log = Log.open(config, start)
+        try:
+            bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="distill", disable=log.board is None)
+            for step in bar:
+                profiler.before(step + 1)
                 with jax.set_mesh(mesh):
-                    grid = sample_grid(teacher, student, prompts, latent_height=config.latent_height,
-                                       latent_width=config.latent_width, sampler_steps=config.sampler_steps,
-                                       guidance=(config.guidance_min + config.guidance_max) / 2, seed=config.seed)
-                if is_main:
-                    save_png(grid, epath.Path(config.workdir) / "samples" / f"step-{step + 1:07d}.png")
-            checkpointing.save(mngr, step + 1, nnx.state((student, optimizer)),
-                               force=step + 1 == config.steps or stop["signal"] is not None)
-            if stop["signal"] is not None:
-                break
-    finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        if board is not None:
-            board.close()
-        if metrics_log is not None:
-            metrics_log.close()
-        signal.signal(signal.SIGTERM, previous)
-    if stop["signal"] is None:
+                    loss, extras = train_step(student, optimizer, teacher_weights, *batches.at(step), batches.key(step))
+                progress.dispatched(step + 1, loss, extras)
+                profiler.after(step + 1, loss)
+                saving = step + 1 == config.steps or mngr.should_save(step + 1)
+                logging = (step + 1) % config.log_every == 0 or step + 1 == config.steps
+                sampling = bool(config.sample_every) and (step + 1) % config.sample_every == 0
+                if not (progress.stopping or saving or logging or sampling):
+                    continue  # no sync: the host runs ahead and queues the next step
+                progress.agree_to_stop()
+                metrics = progress.read(mngr, config.workdir)  # every loss since the last read checked first
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", samples_per_s=f"{config.batch_size / metrics['step_time_s']:.1f}")
+                if logging:
+                    log.write(step + 1, {**metrics, "lr": float(learning_rate(config)(step // config.grad_accum)),
+                                         **throughput(config, prompts.txt.shape[1], metrics["step_time_s"])}, progress.compile_s)
+                if sampling:
+                    save_samples(config, mesh, teacher, student, prompts, step + 1)
+                if saving or progress.stopping:
+                    log.persist()  # every row the checkpoint covers outlives a kill (a remote log uploads every 30 s)
+                checkpointing.save(mngr, step + 1, nnx.state((student, optimizer)), force=step + 1 == config.steps or progress.stopping)
+                if progress.stopping:
+                    break
+        finally:
+            profiler.close()
+            mngr.wait_until_finished()
+            mngr.close()
+            log.close()
+    if not progress.stopping:
         export_student(student, config.workdir)
         if config.pack and jax.process_count() == 1:
             save_flux(pack_model(student), epath.Path(config.workdir) / "packed", overwrite=True)
-    return {"losses": losses, "last_step": max(losses, default=start), "preempted": stop["signal"] is not None,
+    return {"losses": progress.losses, "last_step": max(progress.losses, default=start), "preempted": progress.stopping,
             "student": student}
+
+
+CONFIG_FILE = "config.json"
+
+
+def _flat_fields(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in values.items():
+        flat.update(_flat_fields(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name: value})
+    return flat
+
+
+def _settings(config: DistillConfig) -> dict:
+    """The config as JSON values, nested fields dotted (mesh.fsdp): what WORKDIR/config.json holds."""
+    return _flat_fields(json.loads(json.dumps(dataclasses.asdict(config))))
+
+
+def config_changes(saved: dict, config: DistillConfig) -> dict[str, tuple]:
+    """{field: (saved value, value now)} of every field that differs and may not change freely on resume."""
+    now = _settings(config)
+    missing = "(not a setting)"
+    return {name: (saved.get(name, missing), now.get(name, missing)) for name in sorted(saved.keys() | now.keys())
+            if name.split(".")[0] not in RESUME_FREE_FIELDS and saved.get(name, missing) != now.get(name, missing)}
+
+
+def check_resume(config: DistillConfig) -> None:
+    """A workdir keeps the settings of the run started in it: a later start there with other settings
+    stops with one error naming every changed field, unless `allow_config_change` names it."""
+    known = set(_settings(config))
+    unknown = [name for name in config.allow_config_change if name not in known]
+    if unknown:
+        raise ConfigError(f"allow_config_change: {', '.join(map(repr, unknown))} not a setting of the run")
+    path = location(config.workdir) / CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); remove it to accept this run's settings") from None
+    changes = config_changes(saved, config)
+    refused = [name for name in changes if name not in config.allow_config_change]
+    if refused:
+        listed = "; ".join(f"{name}: {changes[name][0]!r} -> {changes[name][1]!r}" for name in refused)
+        raise ConfigError(f"{path}: this workdir's run was started with other settings ({listed}); resume with "
+                          f"the same settings, accept the change with --allow-config-change {' '.join(refused)}, "
+                          f"or start in another workdir")
+    if jax.process_index() == 0:
+        for name, (before, after) in changes.items():
+            print(f"resuming with a changed setting (--allow-config-change): {name}: {before!r} -> {after!r}")
+
+
+def record_config(config: DistillConfig) -> None:
+    """WORKDIR/config.json, written whole by process 0 at every start (with any accepted changes)."""
+    if jax.process_index() == 0:
+        write_file(location(config.workdir) / CONFIG_FILE, (json.dumps(_settings(config), indent=1) + "\n").encode())
+
+
+def _student_config(config: DistillConfig, teacher_config: FluxConfig) -> tuple[FluxConfig, QuantPolicy]:
+    policy = QuantPolicy(per_channel=config.per_channel, learnable_scale=config.learnable_scale, lowrank_rank=config.lowrank_rank)
+    return teacher_config.replace(param_dtype=config.student_dtype, remat=config.remat), policy
+
+
+def _each_variable(models, fn) -> nnx.State:
+    """`models`' state with every variable's value replaced by `fn(variable)`."""
+    return jax.tree.map(lambda v: v.replace(fn(v)), nnx.state(models), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _with_optimizer(config: DistillConfig, student: Flux) -> tuple[Flux, nnx.Optimizer]:
+    return student, nnx.Optimizer(student, optimizer_for(config), wrt=nnx.Param)
+
+
+def new_state(config: DistillConfig, teacher: Flux, mesh: Mesh) -> tuple[Flux, nnx.Optimizer]:
+    """The student quantized from `teacher` and its fresh optimizer, every leaf placed on `mesh`: one
+    compiled program (eagerly, leaf by leaf, it was hundreds of small compilations); eager only for a
+    low-rank residual, whose SVD runs in NumPy."""
+    student_config, policy = _student_config(config, teacher.config)
+
+    def create(teacher: Flux) -> tuple[Flux, nnx.Optimizer]:
+        models = _with_optimizer(config, quantize_model(teacher, policy, config=student_config))
+        nnx.update(models, _each_variable(models, lambda v: jax.lax.with_sharding_constraint(v[...], leaf_sharding(v, mesh))))
+        return models
+
+    return create(teacher) if policy.lowrank_rank else nnx.jit(create)(teacher)
+
+
+def restored_state(config: DistillConfig, teacher_config: FluxConfig, mesh: Mesh, mngr, step: int) -> tuple[Flux, nnx.Optimizer]:
+    """Student and optimizer as saved at `step`, restored straight into their places on `mesh`: the
+    targets are shapes (`nnx.eval_shape`), so no student is quantized only to be overwritten."""
+    student_config, policy = _student_config(config, teacher_config)
+    abstract = nnx.eval_shape(lambda: _with_optimizer(config, build(student_config, "student", policy, rngs=nnx.Rngs(0))))
+    graph, _ = nnx.split(abstract)
+    targets = _each_variable(abstract, lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=leaf_sharding(v, mesh)))
+    return nnx.merge(graph, checkpointing.restore(mngr, step, targets))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """Step -> (txt, y, x0 or None) as global arrays: a pure function of (seed, step), so a resumed run
+    draws the batches of an uninterrupted one."""
+
+    config: DistillConfig
+    prompts: PromptEmbeddings
+    latents: np.ndarray | None
+    sharding: NamedSharding
+
+    def at(self, step: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        rows = batch_indices(len(self.prompts.txt), self.config.batch_size, self.config.seed, step)
+        x0 = None if self.latents is None else global_batch(self.latents[rows], self.sharding)
+        return global_batch(self.prompts.txt[rows], self.sharding), global_batch(self.prompts.y[rows], self.sharding), x0
+
+    def key(self, step: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.config.seed), step)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Steps dispatched but not read yet, the losses read, timing, and the stop request (SIGTERM)."""
+
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    unread: list = dataclasses.field(default_factory=list)
+    stopping: bool = False
+    signalled: bool = False
+    compile_s: float | None = None
+    """the first step of this start, its compilation included (the step is synchronised once for it)"""
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+    timed: int = 0
+    """steps dispatched since `since` (after the first)"""
+
+    def stop_locally(self) -> None:
+        """The SIGTERM handler: a single process stops after this step; several agree on a sync step."""
+        self.signalled = True
+        self.stopping = self.stopping or jax.process_count() == 1
+
+    def dispatched(self, step: int, loss: jax.Array, extras: dict) -> None:
+        self.unread.append((step, loss, extras))
+        if self.compile_s is None:
+            jax.block_until_ready(loss)
+            self.compile_s, self.since = time.perf_counter() - self.since, time.perf_counter()
+        else:
+            self.timed += 1
+
+    def agree_to_stop(self) -> None:
+        """One host's SIGTERM stops every host at the same step. The flags are gathered only on sync
+        steps, which every host takes at the same steps (it reads the loss there anyway): not one
+        host-device sync per step."""
+        if jax.process_count() > 1:
+            self.stopping = bool(multihost_utils.process_allgather(np.array(self.signalled)).any())
+
+    def read(self, mngr, workdir: str) -> dict[str, float]:
+        """The metrics of the last step, after every loss since the last read is checked: a non-finite
+        one stops the run before anything is logged or saved."""
+        read, self.unread = jax.device_get(self.unread), []
+        for done, value, _ in read:
+            if not np.isfinite(value):
+                mngr.wait_until_finished()
+                raise TrainingError(f"loss is {float(value)} at step {done}; stopped without saving; the last good "
+                                    f"checkpoint is step {mngr.latest_step()} in {epath.Path(workdir) / 'checkpoints'}")
+            self.losses[done] = float(value)
+        seconds = (time.perf_counter() - self.since) / self.timed if self.timed else self.compile_s
+        self.since, self.timed = time.perf_counter(), 0
+        _, loss, extras = read[-1]
+        return {"loss": float(loss), **{name: float(value) for name, value in extras.items()}, "step_time_s": seconds}
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(progress: Progress) -> Iterator[None]:
+    """SIGTERM (a preempted machine) asks the run to save and stop instead of killing it."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: progress.stop_locally())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def throughput(config: DistillConfig, text_length: int, step_time_s: float) -> dict[str, float]:
+    """Samples and tokens (image + text: the transformer's sequence) per second."""
+    tokens = (config.latent_height // 2) * (config.latent_width // 2) + text_length
+    return {"samples_per_s": config.batch_size / step_time_s, "tokens_per_s": config.batch_size * tokens / step_time_s}
+
+
+@dataclasses.dataclass
+class Log:
+    """WORKDIR/metrics.jsonl and TensorBoard scalars, written by process 0 (elsewhere every call does nothing)."""
+
+    metrics: BinaryIO | None
+    board: ScalarWriter | None
+    compile_s_logged: bool = False
+
+    @classmethod
+    def open(cls, config: DistillConfig, start: int) -> Log:
+        """Rows past the checkpoint `start` are dropped: a resumed run logs those steps again."""
+        if jax.process_index() != 0:
+            return cls(None, None)
+        path = epath.Path(config.workdir) / "metrics.jsonl"
+        if start and path.exists():
+            rows = path.read_text().splitlines(keepends=True)
+            write_file(path, "".join(r for r in rows if json.loads(r)["step"] <= start).encode())
+        return cls(append_file(path), ScalarWriter(str(epath.Path(config.workdir) / "tensorboard")))
+
+    def write(self, step: int, metrics: dict[str, float], compile_s: float | None = None) -> None:
+        """One row; `compile_s` (the first step of this start) goes into the first row after it."""
+        if self.metrics is None:
+            return
+        if compile_s is not None and not self.compile_s_logged:
+            metrics, self.compile_s_logged = {**metrics, "compile_s": compile_s}, True
+        self.metrics.write((json.dumps({"step": step, **metrics}) + "\n").encode())
+        self.metrics.flush()
+        self.board.scalars(step, metrics)
+
+    def persist(self) -> None:
+        """The rows so far, stored now (a remote log is otherwise uploaded at most every 30 s)."""
+        if self.metrics is not None:
+            persist(self.metrics)
+
+    def close(self) -> None:
+        for writer in (self.board, self.metrics):
+            if writer is not None:
+                writer.close()
+
+
+class Profiler:
+    """A jax.profiler trace of the steps `config.profile_steps` (A, B), counted from 1, in WORKDIR/profile."""
+
+    def __init__(self, config: DistillConfig):
+        self.steps, self.folder, self.active = config.profile_steps, str(location(config.workdir) / "profile"), False
+
+    def before(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0]:
+            jax.profiler.start_trace(self.folder)
+            self.active = True
+
+    def after(self, step: int, loss: jax.Array) -> None:
+        if self.active and step >= self.steps[1]:
+            jax.block_until_ready(loss)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def save_samples(config: DistillConfig, mesh: Mesh, teacher: Flux, student: Flux, prompts: PromptEmbeddings, step: int) -> None:
+    """WORKDIR/samples/step-N.png: teacher over student, same prompts and seeds."""
+    with jax.set_mesh(mesh):
+        grid = sample_grid(teacher, student, prompts, latent_height=config.latent_height, latent_width=config.latent_width,
+                           sampler_steps=config.sampler_steps, guidance=(config.guidance_min + config.guidance_max) / 2,
+                           seed=config.seed)
+    if jax.process_index() == 0:
+        save_png(grid, epath.Path(config.workdir) / "samples" / f"step-{step:07d}.png")
 
 
 def export_student(student: Flux, workdir: str) -> epath.Path:
@@ -394,11 +611,26 @@ def cache(config: DistillConfig) -> epath.Path:
         return build_cache(config, teacher, prompts, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
 
 
+def use_compile_cache(config: DistillConfig) -> None:
+    """CLI runs keep what XLA compiles in JAX's persistent cache, $FLUX_JAX_CACHE/xla (default
+    ~/.cache/flux_jax/xla), unless `--no-compile-cache`; a cache folder set already (JAX_COMPILATION_CACHE_DIR)
+    is kept. Compilations under half a second are not worth a file."""
+    if not config.compile_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    if not jax.config.jax_compilation_cache_dir:
+        root = os.environ.get("FLUX_JAX_CACHE") or "~/.cache/flux_jax"
+        jax.config.update("jax_compilation_cache_dir", str(epath.Path(os.path.expanduser(root)) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["cache"]:
         try:
             config = parse(argv[1:])
+            use_compile_cache(config)
             print(f"latent cache in {cache(config)}")
         except (CheckpointError, DataError, MeshError, ConfigError) as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
@@ -406,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         config = parse(argv)
+        use_compile_cache(config)
         report(config, train(config))
     except (CheckpointError, DataError, MeshError, ConfigError, TrainingError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
