@@ -195,5 +195,6 @@ def _decode_rows(decoder: Decoder, latents: jax.Array, tile: int) -> jax.Array:
     for start in range(0, h, tile):
         lo, hi = max(start - context, 0), min(start + tile + context, h)
         out = decoder(latents[:, lo:hi])
-        strips.append(out[:, 8 * (start - lo): 8 * (start - lo + min(tile, h - start))])
+        up = out.shape[1] // (hi - lo)  # image rows per latent row: 2 ** (levels - 1), 8 for FLUX
+        strips.append(out[:, up * (start - lo): up * (start - lo + min(tile, h - start))])
     return jnp.concatenate(strips, axis=1)

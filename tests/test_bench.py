@@ -5,14 +5,23 @@ from flux_jax.bench import main, run
 from flux_jax.config import FluxConfig
 
 
-def test_bench_compares_the_same_weights_and_prints_the_ratio(capsys):
+def test_bench_compares_the_same_weights_and_prints_the_ratio_of_its_measurements(capsys, monkeypatch):
+    from flux_jax import bench
+
     config = FluxConfig(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1, context_in_dim=64, vec_in_dim=32,
                         in_channels=16).with_dtype("float32")
     result = run(config, img_tokens=16, txt_tokens=4, repeats=1)
-    assert result["max_rel_diff"] < 1e-4
-    assert result["jax_s"] > 0 and result["torch_s"] > 0
-    main(["--width", "128", "--double", "1", "--single", "1", "--img-tokens", "16", "--txt-tokens", "4", "--repeats", "1"])
-    assert "ratio PyTorch / JAX" in capsys.readouterr().out
+    assert result["max_rel_diff"] < 1e-4  # the two sides ran the same weights
+    assert result["speedup"] == result["torch_s"] / result["jax_s"]
+    timed = []
+    monkeypatch.setattr(bench, "_median_seconds", lambda fns, repeats: timed.append((len(fns), repeats)) or [0.004, 0.011])
+    main(["--width", "128", "--double", "1", "--single", "1", "--img-tokens", "16", "--txt-tokens", "4", "--repeats", "3"])
+    out = capsys.readouterr().out
+    assert timed == [(2, 3)]  # both forwards, timed as often as asked
+    assert "width 128, 1 double + 1 single blocks, 16 image + 4 text tokens" in out
+    assert "flux_jax (jit)             4.0 ms / forward" in out
+    assert "diffusers (PyTorch)       11.0 ms / forward" in out
+    assert "ratio PyTorch / JAX       2.75x" in out
 
 
 def test_library_imports_neither_torch_nor_diffusers():

@@ -3,6 +3,7 @@ the kernels lowered for cuda (an H100: Mosaic GPU; an A100: Triton) and tpu from
 with jax.export."""
 
 import contextlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,12 @@ from pallas_kernels.mosaic_tpu import MosaicBlocks
 from pallas_kernels.triton_gpu import TritonBlocks
 
 KERNELS = ["triton", "mosaic_tpu"]
-KERNEL_MARKERS = [("cuda", H100, "mosaic_gpu"), ("cuda", A100, "__gpu$xla.gpu.triton"), ("tpu", None, "tpu_custom_call")]
-KERNEL_IDS = ["h100-mosaic_gpu", "a100-triton", "tpu"]
+MARKERS = {"mosaic_gpu": "mosaic_gpu", "triton": "__gpu$xla.gpu.triton", "mosaic_tpu": "tpu_custom_call"}  # in lowered text
+KERNEL_TARGETS = {  # (platform, GPU lowered for, marker of the kernel "auto" lowers to) by name
+    "h100-mosaic_gpu": ("cuda", H100, MARKERS["mosaic_gpu"]),
+    "a100-triton": ("cuda", A100, MARKERS["triton"]),
+    "tpu": ("tpu", None, MARKERS["mosaic_tpu"]),
+}
 GPU_INTERPRETER = pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"),
                                      reason="this JAX (0.10.2) has no public GPU interpreter for Mosaic GPU kernels")
 
@@ -70,13 +75,57 @@ def check(out, x, codes, scale, bias, dtype):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=tol, atol=tol * np.abs(expected).max())
 
 
+def all_pairs(axes: dict[str, list]) -> set[tuple]:
+    """Every ((axis, value index), (axis, value index)) pair across two different axes."""
+    names = list(axes)
+    return {((a, i), (b, j)) for x, a in enumerate(names) for b in names[x + 1:]
+            for i in range(len(axes[a])) for j in range(len(axes[b]))}
+
+
+def pairs_of(row: tuple, axes: dict[str, list]) -> set[tuple]:
+    names = list(axes)
+    return {((names[x], row[x]), (names[y], row[y])) for x in range(len(row)) for y in range(x + 1, len(row))}
+
+
+def pairwise(**axes: list) -> list[tuple]:
+    """Rows of values, one per axis, covering every pair of values of any two axes at least once: a
+    greedy pick from the full product (deterministic), far fewer rows than the product itself."""
+    product = list(itertools.product(*(range(len(v)) for v in axes.values())))
+    uncovered, rows = all_pairs(axes), []
+    while uncovered:
+        best = max(product, key=lambda row: len(pairs_of(row, axes) & uncovered))
+        uncovered -= pairs_of(best, axes)
+        rows.append(best)
+    return [tuple(values[i] for values, i in zip(axes.values(), row)) for row in rows]
+
+
 # XLA reads both layouts; the kernels read tiled codes (canonical ones are re-laid first: checked once
-# per kernel in test_kernels_re_lay_canonical_codes).
-@pytest.mark.parametrize("backend, layout", [("xla", "canonical"), ("xla", "tiled"), *((b, "tiled") for b in KERNELS)])
-@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (17, 300, 200)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("per_channel, with_bias", [(True, True), (False, False)], ids=["channel+bias", "tensor"])
-def test_backend_matches_numpy(backend, layout, m, k, n, dtype, per_channel, with_bias):
+# per kernel in test_kernels_re_lay_canonical_codes). Interpret mode is slow: every pair of values is
+# run, not every combination.
+BACKEND_GRID = dict(
+    backend_layout=[("xla", "canonical"), ("xla", "tiled"), *((b, "tiled") for b in KERNELS)],
+    mkn=[(1, 5, 7), (3, 130, 33), (17, 300, 200)],
+    dtype=[jnp.float32, jnp.bfloat16],
+    scaling=[(True, True), (False, False)],  # (per_channel, with_bias): per-channel with bias, or per-tensor
+)
+
+
+def test_pairwise_grids_cover_every_pair_of_values():
+    for grid in (BACKEND_GRID, LOWERING_GRID):
+        rows = pairwise(**grid)
+        indices = [tuple(values.index(v) for values, v in zip(grid.values(), row)) for row in rows]
+        assert set().union(*(pairs_of(row, grid) for row in indices)) == all_pairs(grid)
+        assert len(rows) <= np.prod([len(v) for v in grid.values()]) / 3
+
+
+def backend_case_id(backend_layout, mkn, dtype, scaling) -> str:
+    return "-".join([*backend_layout, "x".join(map(str, mkn)), jnp.dtype(dtype).name, "channel+bias" if scaling[0] else "tensor"])
+
+
+@pytest.mark.parametrize("backend_layout, mkn, dtype, scaling", pairwise(**BACKEND_GRID),
+                         ids=[backend_case_id(*row) for row in pairwise(**BACKEND_GRID)])
+def test_backend_matches_numpy(backend_layout, mkn, dtype, scaling):
+    (backend, layout), (m, k, n), (per_channel, with_bias) = backend_layout, mkn, scaling
     x, codes, scale, bias = operands(m, k, n, per_channel=per_channel, with_bias=with_bias)
     out = ternary_matmul(jnp.asarray(x, dtype), packed_in(layout, codes), scale, bias, layout=layout,
                          backend=backend, interpret=True)
@@ -142,22 +191,20 @@ def check_mosaic_gpu(m, k, n):
 
 
 @GPU_INTERPRETER
-@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (70, 600, 200), (300, 600, 200), (1, 3072, 3072),
-                                     (16, 3072, 3072), (256, 3072, 3072), (16, 15360, 128)])
+@pytest.mark.parametrize("m, k, n", [(1, 5, 7), (3, 130, 33), (70, 600, 200), (300, 600, 200), (16, 15360, 128)])
 def test_mosaic_gpu_matches_numpy_in_gpu_interpret_mode(m, k, n):
-    """Odd shapes (every M class of the tile table) and FLUX's projection (3072 x 3072) at the token
-    counts of inference, and linear2's K (15360, a slice of its N)."""
+    """Odd shapes (every M class of the tile table) and linear2's K (15360, a slice of its N). FLUX's
+    own layer shapes take minutes each in interpret mode: the test below, outside the default suite."""
     check_mosaic_gpu(m, k, n)
 
 
 @GPU_INTERPRETER
 @pytest.mark.gpu_interpret_flux_shapes
-@pytest.mark.parametrize("name", FLUX_DEV_LAYERS)
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("name, m", [(name, m) for name in FLUX_DEV_LAYERS for m in (1, 16)] + [("proj", 256)])
 def test_mosaic_gpu_matches_numpy_at_every_flux_layer_shape(name, m):
-    """The seven FLUX.1-dev layer shapes at the token counts of inference (M = 1, 16; with 256 as well
-    the run takes over 15 minutes on 2 cores), within the bf16 output's rounding: about 4 minutes,
-    outside the default suite, run by CI."""
+    """The seven FLUX.1-dev layer shapes at the token counts of inference (M = 1, 16; M = 256 at the
+    projection only: at every shape the run takes over 15 minutes on 2 cores), within the bf16 output's
+    rounding: about 5 minutes, outside the default suite, run by CI."""
     check_mosaic_gpu(m, *FLUX_DEV_LAYERS[name])
 
 
@@ -180,19 +227,40 @@ def test_mosaic_gpu_refuses_float32_activations():
                        layout="tiled", backend="mosaic_gpu")
 
 
-def test_auto_runs_xla_on_cpu():
-    x, codes, scale, bias = operands(3, 20, 8)
-    np.testing.assert_array_equal(
-        np.asarray(ternary_matmul(x, pack_ternary(codes), scale, bias)),
-        np.asarray(ternary_matmul(x, pack_ternary(codes), scale, bias, backend="xla")),
-    )
+@pytest.mark.parametrize(
+    "platform, gpu, dtype, kernel",
+    [
+        ("cpu", None, jnp.float32, None),
+        ("cpu", None, jnp.bfloat16, None),
+        ("cuda", "NVIDIA B200", jnp.bfloat16, "mosaic_gpu"),  # compute capability 10.0
+        ("cuda", H100, jnp.bfloat16, "mosaic_gpu"),  # 9.0
+        ("cuda", H100, jnp.float32, "triton"),  # Mosaic GPU takes 16-bit activations only
+        ("cuda", "NVIDIA L4", jnp.bfloat16, "triton"),  # 8.9
+        ("cuda", A100, jnp.bfloat16, "triton"),  # 8.0
+        ("tpu", None, jnp.float32, "mosaic_tpu"),
+        ("tpu", None, jnp.bfloat16, "mosaic_tpu"),
+    ],
+)
+def test_auto_dispatches_by_platform_and_compute_capability(platform, gpu, dtype, kernel):
+    """"auto" lowers to exactly one kernel per platform (none on cpu: the XLA unpack-and-dot), and the
+    program exported for cpu computes x @ (scale * T) + bias."""
+    x, codes, scale, bias = operands(3, 130, 33)
+    specs = (jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct((tiled_rows(130), 33), jnp.uint8),
+             jax.ShapeDtypeStruct(scale.shape, jnp.float32), jax.ShapeDtypeStruct(bias.shape, jnp.float32))
+    exported = export_for(platform, lambda x, p, s, b: ternary_matmul(x, p, s, b, layout="tiled"), *specs, gpu=gpu)
+    text = exported.mlir_module()
+    assert {name for name, marker in MARKERS.items() if marker in text} == ({kernel} if kernel else set())
+    if platform == "cpu":
+        check(exported.call(jnp.asarray(x, dtype), packed_in("tiled", codes), scale, bias), x, codes, scale, bias, dtype)
 
 
-@pytest.mark.parametrize("platform, gpu, marker", KERNEL_MARKERS, ids=KERNEL_IDS)
-@pytest.mark.parametrize("name", [*FLUX_DEV_LAYERS, *ODD])
-@pytest.mark.parametrize("m", [1, 4608])
-@pytest.mark.parametrize("layout", ["canonical", "tiled"])
-def test_default_call_lowers_to_the_kernel(platform, gpu, marker, name, m, layout):
+LOWERING_GRID = dict(target=list(KERNEL_TARGETS), name=[*FLUX_DEV_LAYERS, *ODD], m=[1, 4608], layout=["canonical", "tiled"])
+
+
+@pytest.mark.parametrize("target, name, m, layout", pairwise(**LOWERING_GRID),
+                         ids=["-".join(map(str, row)) for row in pairwise(**LOWERING_GRID)])
+def test_default_call_lowers_to_the_kernel(target, name, m, layout):
+    platform, gpu, marker = KERNEL_TARGETS[target]
     k, n = {**FLUX_DEV_LAYERS, **ODD}[name]
     args = (
         jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
@@ -223,7 +291,7 @@ def test_packed_flux_lowers_its_layers_to_kernels_for_both_platforms():
         return nnx.merge(graphdef, state)(**inputs)
 
     state_specs = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
-    for platform, gpu, marker in KERNEL_MARKERS:
+    for platform, gpu, marker in KERNEL_TARGETS.values():
         exported = export_for(platform, forward, state_specs, specs, gpu=gpu)
         per_block = 10 * config.depth + 3 * config.depth_single_blocks
         assert exported.mlir_module().count(marker) >= per_block
@@ -261,11 +329,19 @@ def test_tiled_weights_of_the_wrong_height_and_unknown_layouts_are_named():
         ternary_matmul(np.zeros((2, 8), np.float32), np.zeros((2, 4), np.uint8), np.ones(4, np.float32), layout="planar")
 
 
-def test_kernel_bench_runs_and_says_it_is_interpret_mode_on_cpu(capsys):
-    from pallas_kernels.bench import main
+def test_kernel_bench_runs_and_says_it_is_interpret_mode_on_cpu(capsys, monkeypatch):
+    from pallas_kernels import bench
 
-    main(["--layers", "proj", "--m", "3", "--repeats", "1"])
+    times = iter([0.002, 0.004, 0.003])  # kernel, XLA backend, bf16 dense: the order `measure` times them
+    monkeypatch.setattr(bench, "_median_seconds", lambda fn, args, repeats: next(times))
+    bench.main(["--layers", "proj", "--m", "3", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "interpret mode" in out and "no performance figure" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("proj"))
-    assert float(row.split("|")[-1]) < 2e-2  # the kernel's bf16 output agrees with the bf16 dense matmul
+    shape, timings, ratios, err = (part.split() for part in row.split("|"))
+    assert shape == ["proj", "triton", "3072", "3072", "3"]
+    assert timings == ["2.000", "4.000", "3.000"]
+    # the ratios come from the times, the weight stream from the packed size: 2 bits a weight, an
+    # eighth of the bf16 weights' bytes (3072 * 3072 * 2 / 8 bytes in 2 ms)
+    assert ratios == ["1.50x", "2.00x", f"{3072 * 3072 * 2 / 8 / 0.002 / 1e9:.1f}", "n/a"]
+    assert float(err[0]) < 2e-2  # the kernel's bf16 output agrees with the bf16 dense matmul
