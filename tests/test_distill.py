@@ -416,3 +416,12 @@ def test_bad_config_files_are_named(tmp_path, content, message, capsys):
     assert info.value.code == 1 and "run.toml" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(distill.ConfigError, match="no such config file"):
         distill.parse(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_a_random_teacher_on_a_mesh_that_does_not_divide_it_is_refused():
+    """Preset teachers are built under the mesh, not through `fill`: the same sharding check applies."""
+    from flux_jax.sharding import ShardingError
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=3, tensor=1), jax.devices()[:3])
+    with pytest.raises(ShardingError, match=r"single_blocks\.0\.linear1\.kernel"):
+        distill.load_teacher("tiny", mesh, seed=0)

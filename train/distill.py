@@ -48,6 +48,7 @@ from flux_jax.config import PRESETS as MODEL_PRESETS
 from flux_jax.config import FluxConfig
 from flux_jax.model import Flux
 from flux_jax.params import leaf_sharding
+from flux_jax.sharding import ShardingError, check_sharded
 from flux_jax.ternary import QuantPolicy, build, pack_model, quantize_model
 from train import checkpointing, optim
 from train.cache import build_cache, cached_state, load_cache
@@ -87,6 +88,7 @@ def load_teacher(spec: str, mesh: Mesh, seed: int) -> Flux:
             train_teacher(TeacherConfig(world=spec), progress=jax.process_index() == 0)
         return load_flux(path, mesh=mesh)
     if spec in MODEL_PRESETS:
+        check_sharded(nnx.eval_shape(lambda: Flux(FluxConfig.preset(spec), rngs=nnx.Rngs(seed))), mesh)  # as `fill` does for loaded ones
         with jax.set_mesh(mesh):
             return Flux(FluxConfig.preset(spec), rngs=nnx.Rngs(seed))
     return load_flux(spec, mesh=mesh)
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
             config = parse(argv[1:])
             use_compile_cache(config)
             print(f"latent cache in {cache(config)}")
-        except (CheckpointError, DataError, MeshError, ConfigError) as err:
+        except (CheckpointError, DataError, MeshError, ConfigError, ShardingError) as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
         return
@@ -640,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
         config = parse(argv)
         use_compile_cache(config)
         report(config, train(config))
-    except (CheckpointError, DataError, MeshError, ConfigError, TrainingError) as err:
+    except (CheckpointError, DataError, MeshError, ConfigError, ShardingError, TrainingError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 
