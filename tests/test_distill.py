@@ -1,12 +1,8 @@
-"""The distillation trainer on CPU: learning, sharding invariance, exact resume, preemption, bad input."""
+"""The distillation trainer on CPU: learning, its metrics and outputs, objectives, prompts, bad input."""
 
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,33 +14,13 @@ from convert import CheckpointError, load_flux
 from flux_jax import Flux, FluxConfig
 from flux_jax.sampling import schedule
 from flux_jax.ternary import describe, quantize_model
-from train import checkpointing, distill
-from train.config import DistillConfig, MeshConfig
+from train import distill
+from train.config import MeshConfig
 from train.data import DataError, PromptEmbeddings, position_ids
 from train.losses import distill_loss
 from train.mesh import MeshError, make_mesh
 
-BASE = DistillConfig(teacher="tiny", num_random_prompts=16, text_length=4, latent_height=8, latent_width=8, batch_size=8,
-                     sampler_steps=3, learning_rate=1e-3, warmup_steps=2, steps=6, save_every=2, log_every=1,
-                     mesh=MeshConfig(data=1, fsdp=1, tensor=1))
-
-
-EIGHT = MeshConfig(data=2, fsdp=4, tensor=1)
-
-
-def run(tmp_path, name, **changes):
-    return distill.train(dataclasses.replace(BASE, workdir=str(tmp_path / name), **changes))
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted BASE run on one device, which the resume and mesh tests compare against."""
-    return run(tmp_path_factory.mktemp("straight"), "run")["losses"]
-
-
-@pytest.fixture(scope="module")
-def straight_on_eight(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("straight-eight"), "run", mesh=EIGHT)["losses"]
+from tests.distill_runs import BASE, run
 
 
 def fixed_states_loss(student, teacher):
@@ -87,82 +63,6 @@ def test_distillation_brings_the_student_closer_to_its_teacher(tmp_path):
     assert fixed_states_loss(exported, teacher) == pytest.approx(after, rel=1e-5)
 
 
-def test_eight_devices_give_the_losses_of_one(straight, straight_on_eight):
-    assert straight.keys() == straight_on_eight.keys() == set(range(1, 7))
-    np.testing.assert_allclose([straight_on_eight[k] for k in straight], [straight[k] for k in straight], rtol=1e-4)
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(monkeypatch, crash_step):
-    """Kill the run right after it saved `crash_step` (as a preempted machine would die)."""
-    save = checkpointing.save
-
-    def saving_then_crashing(mngr, step, state, force=False):
-        saved = save(mngr, step, state, force=force)
-        if step == crash_step:
-            mngr.wait_until_finished()
-            raise Crash(step)
-        return saved
-
-    monkeypatch.setattr(checkpointing, "save", saving_then_crashing)
-
-
-def counting_quantizations(monkeypatch) -> list:
-    """Calls of the trainer's quantize_model (the fresh student's only source), one entry each."""
-    calls, real = [], distill.quantize_model
-    monkeypatch.setattr(distill, "quantize_model", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    return calls
-
-
-def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, straight):
-    with monkeypatch.context() as patch:
-        crash_after(patch, 5)  # step 5 is logged but not saved: the resumed run does it again
-        with pytest.raises(Crash):
-            run(tmp_path, "resumed")
-    quantized = counting_quantizations(monkeypatch)
-    resumed = run(tmp_path, "resumed")["losses"]
-    assert quantized == []  # restored into shapes: no student was quantized only to be overwritten
-    assert sorted(resumed) == [5, 6]
-    np.testing.assert_allclose([resumed[5], resumed[6]], [straight[5], straight[6]], rtol=1e-6)
-    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each step once
-    np.testing.assert_allclose(rows[4]["loss"], straight[5], rtol=1e-6)
-
-
-def test_resume_onto_a_smaller_mesh(tmp_path, monkeypatch, straight_on_eight):
-    with monkeypatch.context() as patch:
-        crash_after(patch, 2)
-        with pytest.raises(Crash):
-            run(tmp_path, "moved", mesh=EIGHT)
-    moved = run(tmp_path, "moved", mesh=MeshConfig(data=1, fsdp=4, tensor=1))["losses"]  # the mesh may change freely
-    np.testing.assert_allclose([moved[k] for k in (3, 4)], [straight_on_eight[k] for k in (3, 4)], rtol=1e-4)
-
-
-def test_resume_with_other_settings_names_each_change_and_stops(tmp_path, capsys):
-    config = dataclasses.replace(BASE, workdir=str(tmp_path / "run"))
-    distill.record_config(config)  # what the first start of a run writes
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 1e-3
-    changed = dataclasses.replace(config, learning_rate=2e-3, seed=1, steps=9, log_every=3, mesh=MeshConfig(data=1, fsdp=2, tensor=1))
-    with pytest.raises(distill.ConfigError) as info:
-        distill.train(changed)  # refused before the teacher is loaded
-    message = str(info.value)
-    for change in ("learning_rate: 0.001 -> 0.002", "seed: 0 -> 1", "steps: 6 -> 9", "--allow-config-change learning_rate seed steps"):
-        assert change in message, message
-    assert "log_every" not in message and "mesh" not in message  # free to change on resume
-    with pytest.raises(distill.ConfigError, match="learning_rate"):
-        distill.check_resume(dataclasses.replace(changed, allow_config_change=("seed", "steps")))
-    with pytest.raises(distill.ConfigError, match="'lr' not a setting"):
-        distill.check_resume(dataclasses.replace(changed, allow_config_change=("lr",)))
-    capsys.readouterr()
-    distill.check_resume(dataclasses.replace(changed, allow_config_change=("learning_rate", "seed", "steps")))
-    accepted = capsys.readouterr().out.splitlines()
-    assert accepted == [f"resuming with a changed setting (--allow-config-change): {change}"
-                        for change in ("learning_rate: 0.001 -> 0.002", "seed: 0 -> 1", "steps: 6 -> 9")]
-
-
 def test_a_fresh_student_is_one_compiled_program(caplog):
     """Quantizing, placing and giving the student its optimizer compiles one program (leaf by leaf it
     was a hundred small ones), and places each leaf by its logical names."""
@@ -199,25 +99,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert f"the last good checkpoint is step {failed - 1}" in str(info.value)
 
 
-def test_sigterm_saves_and_exits(tmp_path):
-    workdir = tmp_path / "preempted"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "train.distill", "smoke", "--steps", "100000", "--save-every", "100000", "--log-every", "1",
-         "--workdir", str(workdir), "--latent-height", "8", "--latent-width", "8", "--sampler-steps", "2",
-         "--mesh.fsdp", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 240
-    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-2000:]
-    assert "preempted, saved at step" in out
-    saved = int(out.split("saved at step ")[1].split(";")[0])
-    assert saved >= 1 and (workdir / "checkpoints" / str(saved)).is_dir()
-
-
 @pytest.mark.parametrize(
     "changes, error, message",
     [
@@ -236,74 +117,6 @@ def test_empty_prompt_file_is_named(tmp_path):
     np.savez(tmp_path / "empty.npz", txt=np.zeros((0, 4, 48), np.float32), y=np.zeros((0, 32), np.float32))
     with pytest.raises(DataError, match="empty.npz: holds no prompts"):
         run(tmp_path, "bad", prompts=str(tmp_path / "empty.npz"))
-
-
-def test_cli_unknown_flag_and_error_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        distill.main(["smoke", "--no-such-flag", "3"])
-    assert info.value.code == 2
-    with pytest.raises(SystemExit) as info:
-        distill.main(["smoke", "--teacher", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")])
-    assert info.value.code == 1
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("python -m train.distill: error:")
-
-
-def launch_two_processes(tmp_path, name: str, *flags: str) -> list:
-    """`python -m train.distill smoke` as two processes on loopback, two CPU devices each; output to
-    files, not pipes: a process blocked on a full pipe that the test is not reading yet would stall the
-    other one inside a collective. Returns [(process, stdout file, stderr file)]."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "FLUX_JAX_CACHE": str(tmp_path / "cache")}  # the compile cache, shared by the two launches
-    common = ["smoke", "--workdir", str(tmp_path / "run"), "--latent-height", "8", "--latent-width", "8",
-              "--sampler-steps", "2", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", *flags]
-    launched = []
-    for i in range(2):
-        out, err = tmp_path / f"{name}-{i}.out", tmp_path / f"{name}-{i}.err"
-        with open(out, "w") as stdout, open(err, "w") as stderr:
-            launched.append((subprocess.Popen([sys.executable, "-m", "train.distill", *common, "--process-id", str(i)],
-                                              env=env, stdout=stdout, stderr=stderr), out, err))
-    return launched
-
-
-def finished(launched) -> list[str]:
-    """The stdout of each process, once all have exited with 0."""
-    try:
-        for p, _, _ in launched:
-            p.wait(timeout=400)
-    finally:
-        for p, _, _ in launched:
-            p.kill()
-    for p, _, err in launched:
-        assert p.returncode == 0, err.read_text()[-3000:]
-    return [out.read_text() for _, out, _ in launched]
-
-
-def test_two_processes_stop_together_resume_and_write_one_checkpoint(tmp_path):
-    """A SIGTERM to one host stops both at the same step (agreed on a logged step, not by a sync every
-    step); the run resumes with more steps (an accepted change) and both write its checkpoints and export."""
-    launched = launch_two_processes(tmp_path, "first", "--steps", "100000", "--save-every", "100000", "--log-every", "2")
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
-        time.sleep(0.5)
-    launched[1][0].send_signal(signal.SIGTERM)  # only the second host is told
-    stopped = [int(out.split("preempted, saved at step ")[1].split(";")[0]) for out in finished(launched)]
-    assert stopped[0] == stopped[1] and stopped[0] % 2 == 0, stopped  # the same step, a logged one
-    end = stopped[0] + 2
-    resumed = launch_two_processes(tmp_path, "resumed", "--steps", str(end), "--save-every", "100000", "--log-every", "2",
-                                   "--allow-config-change", "steps")
-    for out in finished(resumed):
-        assert f"done at step {end}" in out
-    saved = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
-    # one checkpoint tree per step, written together by both (Orbax also saves a run's first step)
-    assert {stopped[0], end} <= set(saved) and max(saved) == end
-    assert [json.loads(r)["step"] for r in metrics.read_text().splitlines()] == list(range(2, end + 1, 2))  # process 0 only
-    assert describe(load_flux(tmp_path / "run" / "student"))[0] == "student"
 
 
 def test_latent_cache_is_built_once_resumes_and_feeds_training(tmp_path):
@@ -391,31 +204,6 @@ def test_the_step_does_not_copy_the_teacher():
     stats = step.lower(student, optimizer, weights, prompts.txt, prompts.y, None, jax.random.key(0)).compile().memory_analysis()
     teacher_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(weights))
     assert stats.output_size_in_bytes - stats.alias_size_in_bytes < 0.01 * teacher_bytes
-
-
-def test_config_file_sits_between_the_preset_and_the_flags(tmp_path):
-    (tmp_path / "run.toml").write_text('steps = 7\nlearning_rate = 1\nprompts = "p.txt"\n[mesh]\nfsdp = 2\n')
-    config = distill.parse(["smoke", "--config", str(tmp_path / "run.toml"), "--steps", "9"])
-    assert (config.steps, config.learning_rate, config.prompts, config.mesh.fsdp) == (9, 1.0, "p.txt", 2)
-    assert config.save_every == 10  # the smoke preset's, untouched by the file
-    (tmp_path / "run.json").write_text('{"batch_size": 16}')
-    assert distill.parse([f"--config={tmp_path / 'run.json'}"]).batch_size == 16  # over the default (digits) preset
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [("stepz = 3\n", "unknown field 'stepz'"), ("[mesh]\nfsdpp = 2\n", "unknown field 'mesh.fsdpp'"),
-     ('steps = "many"\n', "steps must be int"), ("steps = \n", "not a valid toml file"), ("mesh = 3\n", "mesh must be a table")],
-)
-def test_bad_config_files_are_named(tmp_path, content, message, capsys):
-    (tmp_path / "run.toml").write_text(content)
-    with pytest.raises(distill.ConfigError, match=message):
-        distill.parse(["--config", str(tmp_path / "run.toml")])
-    with pytest.raises(SystemExit) as info:
-        distill.main(["--config", str(tmp_path / "run.toml")])
-    assert info.value.code == 1 and "run.toml" in capsys.readouterr().err.strip().splitlines()[-1]
-    with pytest.raises(distill.ConfigError, match="no such config file"):
-        distill.parse(["--config", str(tmp_path / "missing.toml")])
 
 
 def test_a_random_teacher_on_a_mesh_that_does_not_divide_it_is_refused():
