@@ -104,9 +104,12 @@ def short_world(tmp_path_factory):
     return cache, run, teacher.stdout, distill.stdout
 
 
-def test_teacher_training_lowers_the_loss_and_saves_a_checkpoint(tmp_path):
-    out, losses = train_teacher(TeacherConfig(steps=30, batch_size=32, out=str(tmp_path / "teacher")), progress=False)
-    assert losses[-1] < 0.7 * losses[0], losses
+def test_teacher_training_lowers_the_loss_and_saves_a_checkpoint(short_world):
+    """The shortened teacher of the run below (`python -m train.teacher`, 40 steps)."""
+    cache, _, teacher_out, _ = short_world
+    first, last = (float(v) for v in teacher_out.split("(loss ")[1].split(")")[0].split(" -> "))
+    assert last < 0.7 * first, teacher_out
+    out = cache / "digits" / "teacher"
     model = load_flux(out)
     assert model.config == FluxConfig.preset("digits")
     # the saved weights (the bias-corrected average) fit the flow better than the initial ones
