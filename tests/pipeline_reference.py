@@ -9,7 +9,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from flux_jax.text.tokenizers import clip_word_tokenizer, t5_word_tokenizer
-
+from tests.helpers import randomize_torch
 from tests.torch_reference import TINY_DEV, diffusers_model
 
 FLUX_DEV_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -17,24 +17,17 @@ FLUX_DEV_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1
 WORDS = "a an the red blue green fox cat dog in on snow grass digit seven three handwritten photo of small big".split()
 
 
-def _randomize(model, scale=0.2):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return model.eval()
-
-
 def tiny_pipeline(seed: int = 0) -> FluxPipeline:
     torch.manual_seed(seed)
     clip_tokenizer = clip_word_tokenizer(WORDS, model_max_length=16)
     t5_tokenizer = t5_word_tokenizer(WORDS)
-    clip = _randomize(CLIPTextModel(CLIPTextConfig(
+    clip = randomize_torch(CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_tokenizer), hidden_size=TINY_DEV.vec_in_dim, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=3)))
-    t5 = _randomize(T5EncoderModel(T5Config(
+    t5 = randomize_torch(T5EncoderModel(T5Config(
         vocab_size=len(t5_tokenizer), d_model=TINY_DEV.context_in_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
         relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu")))
-    vae = _randomize(AutoencoderKL(
+    vae = randomize_torch(AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=TINY_DEV.in_channels // 4, block_out_channels=(8, 16, 16),
         layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, use_quant_conv=False, use_post_quant_conv=False,

@@ -9,6 +9,7 @@ import pytest
 
 from flux_jax.attention import QUERY_CHUNK, dot_product_attention
 from flux_jax.layers import attention, rope
+from tests import helpers
 
 
 def reference(q, k, v):
@@ -57,7 +58,7 @@ def test_splash_gradients_equal_the_xla_gradients():
 def test_splash_under_a_mesh_runs_per_shard_and_matches():
     """Batch over data x fsdp, heads over tensor: each device runs the kernel on its own shard."""
     q, k, v = operands(136, jnp.float32, heads=2, batch=4)
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = helpers.mesh()
     with jax.set_mesh(mesh):
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None))
         placed = [jax.device_put(x, spec) for x in (q, k, v)]

@@ -11,6 +11,7 @@ from flax import nnx
 from convert import layouts
 from flux_jax.blocks import DoubleStreamBlock, SingleStreamBlock
 from flux_jax.layers import dense, rope
+from tests.helpers import randomize_torch
 from tests.torch_reference import TINY_DEV, assert_close, random_inputs
 
 CONFIG = TINY_DEV
@@ -24,10 +25,7 @@ def random_torch_block(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cls = FluxTransformerBlock if kind == "double" else FluxSingleTransformerBlock
     block = cls(dim=CONFIG.hidden_size, num_attention_heads=CONFIG.num_heads, attention_head_dim=CONFIG.head_dim).eval()
-    with torch.no_grad():
-        for name, param in block.named_parameters():
-            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm_" in name else 0.0))
-    return block
+    return randomize_torch(block, near_one=lambda name: "norm_" in name)
 
 
 def our_block(kind: str, reference: torch.nn.Module) -> nnx.Module:

@@ -6,7 +6,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -14,6 +13,7 @@ from convert import save_flux
 from flux_jax import Flux
 from flux_jax.params import shard
 from flux_jax.ternary import pack_model, quantize_model
+from tests import helpers
 from tests.torch_reference import TINY_DEV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def _parameters(model) -> dict[str, np.ndarray]:
 
 
 def test_an_eight_device_student_and_packed_model_load_and_pack_in_a_one_device_process(tmp_path):
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = helpers.mesh()
     student = shard(quantize_model(Flux(TINY_DEV, rngs=nnx.Rngs(4))), mesh)  # as the trainer holds it
     assert len(student.double_blocks[0].img_attn.qkv.kernel[...].sharding.device_set) == 8
     packed = pack_model(student)

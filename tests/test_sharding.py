@@ -8,23 +8,18 @@ from jax.sharding import PartitionSpec as P
 
 from flux_jax import Flux, FluxConfig
 from flux_jax.sharding import LOGICAL_AXIS_RULES, ShardingError, check_sharded, partition_spec, unsharded
-
-
-def _mesh(data=2, fsdp=2, tensor=2):
-    devices = jax.devices()[: data * fsdp * tensor]
-    return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+from tests import helpers
 
 
 def test_rules_map_logical_names_to_mesh_axes():
-    mesh = _mesh()
+    mesh = helpers.mesh()
     assert partition_spec(("embed", "qkv"), mesh) == P("fsdp", "tensor")
     assert partition_spec(("activation_batch", "activation_length", "activation_embed"), mesh) == P(("data", "fsdp"), None, None)
     assert all(isinstance(name, str) for name, _ in LOGICAL_AXIS_RULES)
 
 
 def test_axes_that_do_not_divide_a_dimension_are_dropped():
-    mesh = _mesh(data=4, fsdp=2, tensor=1)
+    mesh = helpers.mesh(data=4, fsdp=2, tensor=1)
     assert partition_spec(("activation_batch", None), mesh, (4, 3)) == P("data", None)
     assert partition_spec(("activation_batch", None), mesh, (1, 3)) == P(None, None)
     assert partition_spec(("embed", "mlp"), mesh, (3, 8)) == P(None, "tensor")
@@ -32,7 +27,7 @@ def test_axes_that_do_not_divide_a_dimension_are_dropped():
 
 def test_model_built_under_a_mesh_is_sharded_by_the_table():
     config = FluxConfig.preset("tiny")
-    with jax.set_mesh(_mesh()):
+    with jax.set_mesh(helpers.mesh()):
         model = Flux(config, rngs=nnx.Rngs(0))
     kernel = model.single_blocks[0].linear1.kernel[...]
     assert kernel.sharding.spec == P("fsdp", "tensor")
@@ -47,7 +42,7 @@ def tiny_abstract():
 
 def test_a_mesh_that_does_not_divide_the_big_weights_is_refused_naming_them(tiny_abstract):
     with pytest.raises(ShardingError) as err:
-        check_sharded(tiny_abstract, _mesh(data=1, fsdp=3, tensor=1))  # hidden size 64 over 3
+        check_sharded(tiny_abstract, helpers.mesh(data=1, fsdp=3, tensor=1))  # hidden size 64 over 3
     message = str(err.value)
     assert message.startswith("mesh data=1 fsdp=3 tensor=1 leaves each device ")
     # the biggest kernels name themselves first: single-block linear1, 64 x 448 float32, whole on each device
@@ -56,8 +51,8 @@ def test_a_mesh_that_does_not_divide_the_big_weights_is_refused_naming_them(tiny
 
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1)])
 def test_meshes_that_divide_the_model_pass(tiny_abstract, shape):
-    assert unsharded(tiny_abstract, _mesh(*shape))[0] == []
-    check_sharded(tiny_abstract, _mesh(*shape), tolerance=0.0)
+    assert unsharded(tiny_abstract, helpers.mesh(*shape))[0] == []
+    check_sharded(tiny_abstract, helpers.mesh(*shape), tolerance=0.0)
 
 
 class _Layer(nnx.Module):
@@ -71,7 +66,7 @@ class _Layer(nnx.Module):
 
 
 def test_the_tolerance_bounds_the_excess_over_the_rules_layout():
-    mesh = _mesh(data=1, fsdp=4, tensor=2)
+    mesh = helpers.mesh(data=1, fsdp=4, tensor=2)
     found, planned = unsharded(_Layer(8, odd=True), mesh)
     # per device under the rules: kernel 64*8*4 / 8, odd 6*8*4 / 4, bias 5*4 / 2; held: odd and bias whole
     assert planned == 64 * 8 * 4 / 8 + 6 * 8 * 4 / 4 + 5 * 4 / 2
@@ -84,7 +79,7 @@ def test_the_tolerance_bounds_the_excess_over_the_rules_layout():
 
 
 def test_a_small_bias_left_whole_does_not_trip_the_default_tolerance():
-    layer, mesh = _Layer(64, odd=False), _mesh(data=1, fsdp=4, tensor=2)
+    layer, mesh = _Layer(64, odd=False), helpers.mesh(data=1, fsdp=4, tensor=2)
     found, planned = unsharded(layer, mesh)
     assert [u.path for u in found] == ["bias"] and sum(u.excess_bytes for u in found) / planned == 10 / (2048 + 10)
     check_sharded(layer, mesh)
@@ -94,4 +89,4 @@ def test_sharding_a_model_onto_a_bad_mesh_is_refused():
     from flux_jax.params import shard
 
     with pytest.raises(ShardingError, match=r"single_blocks\.0\.linear1\.kernel"):
-        shard(Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(0)), _mesh(data=1, fsdp=3, tensor=1))
+        shard(Flux(FluxConfig.preset("tiny"), rngs=nnx.Rngs(0)), helpers.mesh(data=1, fsdp=3, tensor=1))

@@ -2,7 +2,6 @@
 
 import itertools
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,12 +14,8 @@ from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax import Flux
 from flux_jax.params import leaf_sharding
 from flux_jax.ternary import pack_model, quantize_model
+from tests import helpers
 from tests.torch_reference import TINY_DEV, bfl_state_dict, diffusers_model
-
-
-def _mesh(data, fsdp, tensor):
-    return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-
 
 MESHES = {"2x2x2": (2, 2, 2), "1x8x1": (1, 8, 1), "1x2x4": (1, 2, 4)}
 
@@ -66,7 +61,7 @@ def _distinct_regions(shape, sharding):
 def test_a_mesh_load_reads_each_held_region_once_and_equals_the_whole_tensor_load(checkpoints, kind, mesh_shape, monkeypatch):
     axes_dim = TINY_DEV.axes_dim  # the BFL file stores none; the others store these
     expected = dict(nnx.to_flat_state(nnx.state(load_flux(checkpoints[kind], axes_dim=axes_dim))))
-    mesh = _mesh(*mesh_shape)
+    mesh = helpers.mesh(*mesh_shape)
     reads = _Reads(monkeypatch)
     model = load_flux(checkpoints[kind], mesh=mesh, axes_dim=axes_dim)
 

@@ -7,22 +7,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from convert import CheckpointError
 from convert.text_encoders import load_clip_text_encoder, load_t5_encoder
+from tests import helpers
+from tests.helpers import randomize_torch
 from tests.torch_reference import assert_close
-
-
-def _randomize(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def t5(tmp_path_factory):
     config = T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
                       relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="gated-gelu")
-    model = _randomize(T5EncoderModel(config), 0)
+    model = randomize_torch(T5EncoderModel(config), scale=0.3, seed=0)
     folder = tmp_path_factory.mktemp("t5")
     model.save_pretrained(folder, max_shard_size="20KB")
     return model, folder
@@ -32,7 +26,7 @@ def t5(tmp_path_factory):
 def clip(tmp_path_factory):
     config = CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=16, eos_token_id=98, bos_token_id=97, pad_token_id=98)
-    model = _randomize(CLIPTextModel(config), 1)
+    model = randomize_torch(CLIPTextModel(config), scale=0.3, seed=1)
     folder = tmp_path_factory.mktemp("clip")
     model.save_pretrained(folder)
     return model, folder
@@ -79,7 +73,7 @@ def test_t5_loads_into_shards_on_a_mesh_and_computes_the_same(t5):
     from jax.sharding import PartitionSpec
 
     reference, folder = t5
-    mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = helpers.mesh(1, 4, 2)
     sharded = load_t5_encoder(folder, mesh=mesh)
     wi = sharded.encoder.block[0].layer[1].DenseReluDense.wi_0.kernel[...]
     assert wi.sharding.spec == PartitionSpec("fsdp", "tensor") and len(wi.addressable_shards) == 8

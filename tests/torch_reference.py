@@ -12,6 +12,7 @@ from flax import nnx
 
 from convert import layouts
 from flux_jax.config import FluxConfig
+from tests.helpers import randomize_torch
 
 # Tiny configs covering both FLUX variants; head dim 32 gives the inferable rotary split (4, 14, 14).
 TINY_DEV = FluxConfig.preset("tiny")
@@ -34,11 +35,7 @@ def diffusers_model(config: FluxConfig, seed: int = 0) -> FluxTransformer2DModel
         guidance_embeds=config.guidance_embed,
         axes_dims_rope=config.axes_dim,
     ).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            offset = 1.0 if "norm_" in name else 0.0  # QK-norm scales stay near one
-            param.copy_(torch.randn_like(param) * 0.2 + offset)
-    return model
+    return randomize_torch(model, near_one=lambda name: "norm_" in name)  # QK-norm scales near one
 
 
 def random_inputs(config: FluxConfig, *, batch: int = 2, height: int = 4, width: int = 6, txt_len: int = 7, seed: int = 0) -> dict:
