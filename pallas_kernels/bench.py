@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +63,18 @@ def kernel_backends(device) -> list[str]:
     return ["triton"]
 
 
-def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
+def median_seconds(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time of each function (each returns once its work is done), after one warm-up call
+    each (compilation), run in alternation so that load on the machine hits all of them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, acc in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def measure(k: int, n: int, m: int, *, repeats: int, backend: str, interpret: bool) -> dict[str, float]:
@@ -84,10 +89,13 @@ def measure(k: int, n: int, m: int, *, repeats: int, backend: str, interpret: bo
     dot = jax.jit(lambda x, w: x @ w)
     ref = np.asarray(dot(x, dense), np.float32)
     err = float(np.abs(np.asarray(kernel(x, tiled, scale), np.float32) - ref).max() / max(np.abs(ref).max(), 1e-6))
+    kernel_s, xla_s, dense_s = median_seconds([lambda: jax.block_until_ready(kernel(x, tiled, scale)),
+                                               lambda: jax.block_until_ready(xla(x, packed, scale)),
+                                               lambda: jax.block_until_ready(dot(x, dense))], repeats)
     return {
-        "kernel_s": _median_seconds(kernel, (x, tiled, scale), repeats),
-        "xla_s": _median_seconds(xla, (x, packed, scale), repeats),
-        "dense_s": _median_seconds(dot, (x, dense), repeats),
+        "kernel_s": kernel_s,
+        "xla_s": xla_s,
+        "dense_s": dense_s,
         "packed_bytes": packed.size,
         "rel_err": err,
     }

@@ -1,12 +1,12 @@
 import subprocess
 import sys
 
-from flux_jax.bench import main, run
+from benchmarks.transformer import main, run
 from flux_jax.config import FluxConfig
 
 
 def test_bench_compares_the_same_weights_and_prints_the_ratio_of_its_measurements(capsys, monkeypatch):
-    from flux_jax import bench
+    from benchmarks import transformer as bench
 
     config = FluxConfig(hidden_size=128, num_heads=1, depth=1, depth_single_blocks=1, context_in_dim=64, vec_in_dim=32,
                         in_channels=16).with_dtype("float32")
@@ -14,7 +14,7 @@ def test_bench_compares_the_same_weights_and_prints_the_ratio_of_its_measurement
     assert result["max_rel_diff"] < 1e-4  # the two sides ran the same weights
     assert result["speedup"] == result["torch_s"] / result["jax_s"]
     timed = []
-    monkeypatch.setattr(bench, "_median_seconds", lambda fns, repeats: timed.append((len(fns), repeats)) or [0.004, 0.011])
+    monkeypatch.setattr(bench, "median_seconds", lambda fns, repeats: timed.append((len(fns), repeats)) or [0.004, 0.011])
     main(["--width", "128", "--double", "1", "--single", "1", "--img-tokens", "16", "--txt-tokens", "4", "--repeats", "3"])
     out = capsys.readouterr().out
     assert timed == [(2, 3)]  # both forwards, timed as often as asked
@@ -25,7 +25,7 @@ def test_bench_compares_the_same_weights_and_prints_the_ratio_of_its_measurement
 
 
 def test_library_imports_neither_torch_nor_diffusers():
-    code = "import sys, flux_jax, convert, convert.torch_to_flax, flux_jax.bench, train.distill, pallas_kernels; " \
+    code = "import sys, flux_jax, convert, convert.torch_to_flax, flux_jax.generate, train.distill, pallas_kernels; " \
            "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; assert not bad, bad"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
-
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import gpu_lowering_target, pack_ternary, ternary_matmul
 from pallas_kernels.lowering import A100, H100
 from pallas_kernels.mosaic_gpu import MosaicGPUBlocks
-from pallas_kernels.packing import tiled_rows, to_tiled
 from pallas_kernels.mosaic_tpu import MosaicBlocks
+from pallas_kernels.packing import tiled_rows, to_tiled
 from pallas_kernels.triton_gpu import TritonBlocks
 
 KERNELS = ["triton", "mosaic_tpu"]
@@ -332,11 +331,13 @@ def test_tiled_weights_of_the_wrong_height_and_unknown_layouts_are_named():
 def test_kernel_bench_runs_and_says_it_is_interpret_mode_on_cpu(capsys, monkeypatch):
     from pallas_kernels import bench
 
-    times = iter([0.002, 0.004, 0.003])  # kernel, XLA backend, bf16 dense: the order `measure` times them
-    monkeypatch.setattr(bench, "_median_seconds", lambda fn, args, repeats: next(times))
+    timed = []
+    # kernel, XLA backend, bf16 dense: the order `measure` times them, side by side in one call
+    monkeypatch.setattr(bench, "median_seconds", lambda fns, repeats: timed.append((len(fns), repeats)) or [0.002, 0.004, 0.003])
     bench.main(["--layers", "proj", "--m", "3", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "interpret mode" in out and "no performance figure" in out
+    assert timed == [(3, 1)]
     row = next(line for line in out.splitlines() if line.strip().startswith("proj"))
     shape, timings, ratios, err = (part.split() for part in row.split("|"))
     assert shape == ["proj", "triton", "3072", "3072", "3"]

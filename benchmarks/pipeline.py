@@ -1,7 +1,7 @@
 """Seconds per denoising step and peak memory of text-to-image, ours vs diffusers' FluxPipeline.
 
-    python -m flux_jax.bench_pipeline                  # mid-size pipeline, 512x512, 4 steps
-    python -m flux_jax.bench_pipeline --size 256 --steps 2
+    python -m benchmarks.pipeline                  # mid-size pipeline, 512x512, 4 steps
+    python -m benchmarks.pipeline --size 256 --steps 2
 
 One run builds a mid-size FLUX pipeline with random weights (transformer width 1024 with 4 double and
 8 single blocks; 2-layer T5 (width 1024) and CLIP (width 768); FLUX's real autoencoder), saves it with
@@ -22,10 +22,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 PROMPT = "a photo of a red fox in the snow"
+REPO = Path(__file__).resolve().parents[1]  # the children run `python -m benchmarks.pipeline` from here
 
 
 def _peak_rss() -> int:
@@ -98,15 +100,15 @@ def run_diffusers(folder: str, size: int, steps: int) -> dict:
 
 
 def _child(side: str, folder: str, size: int, steps: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "flux_jax.bench_pipeline", "--side", side, "--folder", folder,
-                           "--size", str(size), "--steps", str(steps)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--side", side, "--folder", folder,
+                           "--size", str(size), "--steps", str(steps)], capture_output=True, text=True, cwd=REPO)
     if done.returncode:
-        raise SystemExit(f"python -m flux_jax.bench_pipeline: error: the {side} run failed:\n{done.stderr[-2000:]}")
+        raise SystemExit(f"python -m benchmarks.pipeline: error: the {side} run failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flux_jax.bench_pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="image height and width (a multiple of 16)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps (at least 2)")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import diffusers  # noqa: F401
     except ImportError as err:
-        raise SystemExit(f"python -m flux_jax.bench_pipeline: error: needs the test extra (pip install -e '.[test]'): {err}") from None
+        raise SystemExit(f"python -m benchmarks.pipeline: error: needs the test extra (pip install -e '.[test]'): {err}") from None
     with tempfile.TemporaryDirectory() as folder:
         build_reference(folder)
         ours = _child("jax", folder, args.size, args.steps)

@@ -1,7 +1,7 @@
 """Forward-pass speed of our jit-compiled FLUX against diffusers' PyTorch forward, same weights, same CPU.
 
-    python -m flux_jax.bench                      # width 1024, 4 double + 8 single blocks, 1024 + 256 tokens
-    python -m flux_jax.bench --repeats 10 --dtype bfloat16
+    python -m benchmarks.transformer                      # width 1024, 4 double + 8 single blocks, 1024 + 256 tokens
+    python -m benchmarks.transformer --repeats 10 --dtype bfloat16
 
 Both sides run in one process on the same random weights: a diffusers model is saved with
 `save_pretrained` and loaded through `convert.load_flux`, so the comparison also checks the port.
@@ -12,28 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
 from flux_jax.config import FluxConfig
-
-
-def _median_seconds(fns, repeats: int) -> list[float]:
-    """Median wall time of each function, run in alternation so that load on the machine hits both."""
-    for fn in fns:
-        fn()  # warm-up (and compilation for JAX)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, acc in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+from pallas_kernels.bench import median_seconds
 
 
 def run(config: FluxConfig, *, img_tokens: int, txt_tokens: int, repeats: int) -> dict[str, float]:
@@ -42,7 +28,7 @@ def run(config: FluxConfig, *, img_tokens: int, txt_tokens: int, repeats: int) -
         import torch
         from diffusers import FluxTransformer2DModel
     except ImportError as err:
-        raise SystemExit(f"python -m flux_jax.bench: error: needs the test extra (pip install -e '.[test]'): {err}") from None
+        raise SystemExit(f"python -m benchmarks.transformer: error: needs the test extra (pip install -e '.[test]'): {err}") from None
     from convert import load_flux
 
     torch.manual_seed(0)
@@ -90,12 +76,12 @@ def run(config: FluxConfig, *, img_tokens: int, txt_tokens: int, repeats: int) -
 
     ref_out = theirs().float().numpy()
     diff = float(np.abs(np.asarray(ours(), np.float32) - ref_out).max() / np.abs(ref_out).max())
-    jax_s, torch_s = _median_seconds([ours, theirs], repeats)
+    jax_s, torch_s = median_seconds([ours, theirs], repeats)
     return {"jax_s": jax_s, "torch_s": torch_s, "speedup": torch_s / jax_s, "max_rel_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flux_jax.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=1024, help="hidden size (head dim 128)")
     parser.add_argument("--double", type=int, default=4, help="double-stream blocks")
     parser.add_argument("--single", type=int, default=8, help="single-stream blocks")
