@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 from diffusers import FluxTransformer2DModel
+from safetensors.numpy import save_file
 
 from convert import load_flux, save_flux
 from convert.export_diffusers import main as export_main
@@ -79,6 +80,41 @@ def test_export_to_diffusers_runs_with_the_students_outputs(folders, tmp_path, s
         src = tmp_path / "packed"
     export_main([str(src), str(tmp_path / "exported"), "--dtype", "float32", "--no-progress"])
     reference = FluxTransformer2DModel.from_pretrained(tmp_path / "exported").eval()
+    inputs = random_inputs(TINY_DEV)
+    assert_close(run_diffusers(reference, inputs), run_ours(load_flux(folders / "student"), inputs))
+
+
+def test_export_streams_shards_with_an_index_that_diffusers_loads(folders, tmp_path, monkeypatch):
+    """A small --max-shard-gb cuts the tiny model into shards, as flux-dev's 24 GB are cut at 10 GB: each
+    written as soon as it is full (before the model's last tensor is converted), none above the limit."""
+    from convert import export_diffusers as module
+
+    limit, consumed, writes = 300_000, [0], []
+    leaves = module.dense_leaves
+
+    def counting(model):
+        for item in leaves(model):
+            consumed[0] += 1
+            yield item
+
+    def recording(tensors, path, metadata):
+        writes.append((consumed[0], sum(t.nbytes for t in tensors.values()), max(t.nbytes for t in tensors.values())))
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(module, "dense_leaves", counting)
+    monkeypatch.setattr(module, "save_file", recording)
+    export_main([str(folders / "student"), str(tmp_path / "exported"), "--dtype", "float32", "--max-shard-gb", str(limit / 1e9),
+                 "--no-progress"])
+    assert len(writes) >= 3
+    assert writes[0][0] < consumed[0]  # the first shard was on disk before the last tensor was made
+    assert all(total <= limit or total == largest for _, total, largest in writes)
+    index = json.loads((tmp_path / "exported" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"diffusion_pytorch_model-{i:05d}-of-{len(writes):05d}.safetensors" for i in range(1, len(writes) + 1)]
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == sorted([*files, "config.json",
+                                                                                "diffusion_pytorch_model.safetensors.index.json"])
+    reference = FluxTransformer2DModel.from_pretrained(tmp_path / "exported").eval()
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in reference.parameters())
     inputs = random_inputs(TINY_DEV)
     assert_close(run_diffusers(reference, inputs), run_ours(load_flux(folders / "student"), inputs))
 
