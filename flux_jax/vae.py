@@ -167,34 +167,11 @@ class AutoencoderKL(nnx.Module):
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
 
-    def encode(self, images: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        """(B, H, W, 3) in [-1, 1] -> latent mean (B, H/8, W/8, C), or a sample of it given `key`."""
+    def encode(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) in [-1, 1] -> the latent mean (B, H/8, W/8, C) (FLUX encodes images deterministically)."""
         moments = self.encoder(jnp.asarray(images).astype(self.config.dtype)).astype(jnp.float32)
-        mean, logvar = jnp.split(moments, 2, axis=-1)
-        if key is None:
-            return mean
-        std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-        return mean + std * jax.random.normal(key, mean.shape)
+        return jnp.split(moments, 2, axis=-1)[0]
 
-    def decode(self, latents: jax.Array, *, tile: int | None = None) -> jax.Array:
-        """(B, h, w, C) -> images (B, 8h, 8w, 3), float32. With `tile`, decodes `tile` latent rows at a
-        time (with a one-tile-border overlap discarded) to bound memory on small devices."""
-        latents = jnp.asarray(latents).astype(self.config.dtype)
-        if tile is None or latents.shape[1] <= tile:
-            return self.decoder(latents).astype(jnp.float32)
-        return _decode_rows(self.decoder, latents, tile).astype(jnp.float32)
-
-
-def _decode_rows(decoder: Decoder, latents: jax.Array, tile: int) -> jax.Array:
-    """Row-tiled decoding: each strip is decoded with `tile` // 2 rows of context on both sides and
-    only its own rows are kept. Equal to whole decoding except where the mid-block attention or the
-    group norms would have seen the whole image; use a large `tile` for fidelity."""
-    h = latents.shape[1]
-    context = max(tile // 2, 1)
-    strips = []
-    for start in range(0, h, tile):
-        lo, hi = max(start - context, 0), min(start + tile + context, h)
-        out = decoder(latents[:, lo:hi])
-        up = out.shape[1] // (hi - lo)  # image rows per latent row: 2 ** (levels - 1), 8 for FLUX
-        strips.append(out[:, up * (start - lo): up * (start - lo + min(tile, h - start))])
-    return jnp.concatenate(strips, axis=1)
+    def decode(self, latents: jax.Array) -> jax.Array:
+        """(B, h, w, C) -> images (B, 8h, 8w, 3), float32."""
+        return self.decoder(jnp.asarray(latents).astype(self.config.dtype)).astype(jnp.float32)
