@@ -19,10 +19,11 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from convert import layouts
-from convert.atomic import atomic_directory
-from convert.cli import reported_errors, src_out_parser
-from convert.errors import CheckpointError
+from convert.cli import src_out_parser
 from convert.loader import add_axes_dim_flag, load_flux
+from flux_jax.io.cli import reported_errors
+from flux_jax.io.errors import CheckpointError
+from flux_jax.io.files import atomic_directory
 from flux_jax.model import Flux
 from flux_jax.ternary import dense_leaves
 

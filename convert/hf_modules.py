@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from convert.errors import CheckpointError
 from convert.loader import check_keys, default_dtype, find_tensor_files
 from convert.safetensors_io import StoredTensor
+from flux_jax.io.errors import CheckpointError
 from flux_jax.params import fill
 
 _TO_FLAX = {2: (1, 0), 4: (2, 3, 1, 0)}

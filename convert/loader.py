@@ -14,18 +14,18 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
-from etils import epath
 from tqdm.auto import tqdm
 
 from convert import layouts
-from convert.atomic import is_remote
-from convert.errors import CheckpointError
 from convert.orbax_io import is_flux_checkpoint, load_flux_checkpoint, read_meta
 from convert.packed_io import file_format, load_packed_safetensors, read_packed_meta
 from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax.config import FluxConfig
+from flux_jax.io.errors import CheckpointError
+from flux_jax.io.files import is_remote
 from flux_jax.model import Flux
 from flux_jax.params import fill
 

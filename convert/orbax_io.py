@@ -14,12 +14,12 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from convert.atomic import atomic_directory, is_remote, location
-from convert.errors import CheckpointError
 from flux_jax.config import FluxConfig
+from flux_jax.io.errors import CheckpointError
+from flux_jax.io.files import atomic_directory, is_remote, location
 from flux_jax.model import Flux
 from flux_jax.params import fill, leaf_sharding
-from flux_jax.ternary import QuantPolicy, build, describe, runtime_layout, with_layout
+from flux_jax.ternary import KINDS, QuantPolicy, build, describe, runtime_layout, with_layout
 
 FORMAT = "flux_jax"
 FORMAT_VERSION = 1
@@ -75,7 +75,7 @@ def read_meta(path: str | os.PathLike) -> tuple[str, FluxConfig, QuantPolicy | N
         config = FluxConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{meta_path}: bad config or policy ({err})") from None
-    if kind not in ("flux", "student", "packed"):
+    if kind not in KINDS:
         raise CheckpointError(f"{meta_path}: unknown model kind {kind!r}")
     return kind, config, policy
 

@@ -18,12 +18,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.atomic import atomic_directory
-from convert.cli import reported_errors, src_out_parser
-from convert.errors import CheckpointError
+from convert.cli import src_out_parser
 from convert.loader import add_axes_dim_flag, load_flux
 from convert.orbax_io import write_flux
 from convert.packed_io import write_packed_safetensors
+from flux_jax.io.cli import reported_errors
+from flux_jax.io.errors import CheckpointError
+from flux_jax.io.files import atomic_directory
 from flux_jax.ternary import QuantPolicy, describe, pack_model, quantize_model
 
 PROG = "python -m convert.pack_ternary"

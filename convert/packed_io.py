@@ -17,9 +17,9 @@ from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from convert.errors import CheckpointError
 from convert.safetensors_io import SafetensorsFiles, StoredTensor
 from flux_jax.config import FluxConfig
+from flux_jax.io.errors import CheckpointError
 from flux_jax.model import Flux
 from flux_jax.params import fill
 from flux_jax.ternary import QuantPolicy, build, describe, packed_widths, runtime_layout, with_layout

@@ -14,11 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
-from convert.errors import CheckpointError
 from convert.loader import load_flux, locate
 from convert.text_encoders import load_clip_text_encoder, load_t5_encoder
 from convert.vae import load_vae
-from flux_jax.pipeline import PipelineSettings
+from flux_jax.io.errors import CheckpointError
+from flux_jax.pipeline_settings import PipelineSettings
 from flux_jax.sampling import SchedulerConfig
 from flux_jax.text import PromptEncoder
 
@@ -67,12 +67,6 @@ def scheduler_config(folder: Path) -> SchedulerConfig:
         raise CheckpointError(f"{config_json}: {err}") from None
 
 
-def _settings(scheduler: SchedulerConfig, guidance_embed: bool) -> PipelineSettings:
-    if guidance_embed:  # dev
-        return PipelineSettings(scheduler=scheduler, max_sequence_length=512, default_steps=28, default_guidance=3.5)
-    return PipelineSettings(scheduler=scheduler, max_sequence_length=256, default_steps=4, default_guidance=0.0)
-
-
 def _pipeline_root(path_or_id: str | os.PathLike, components: tuple[str, ...]) -> Path:
     root = locate(path_or_id)
     if not root.is_dir():
@@ -100,7 +94,7 @@ def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=
         "transformer": transformer,
         "vae": load_vae(root / "vae", dtype=dtype, mesh=mesh),
         **_text_components(root, dtype=dtype, mesh=mesh),
-        "settings": _settings(scheduler, transformer.config.guidance_embed),
+        "settings": PipelineSettings.for_release(scheduler, guidance_embed=transformer.config.guidance_embed),
     }
 
 

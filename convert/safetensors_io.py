@@ -15,7 +15,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: safetensors' num
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from convert.errors import CheckpointError
+from flux_jax.io.errors import CheckpointError
 from flux_jax.params import Index, LazyTensor, whole
 
 

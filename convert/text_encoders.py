@@ -11,8 +11,8 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from convert.errors import CheckpointError
 from convert.hf_modules import load_mirrored, stored_dtype
+from flux_jax.io.errors import CheckpointError
 from flux_jax.text import CLIPTextEncoder, CLIPTextEncoderConfig, T5Encoder, T5EncoderConfig
 
 

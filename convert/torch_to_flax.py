@@ -16,11 +16,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from convert.atomic import atomic_directory
-from convert.cli import reported_errors, src_out_parser
+from convert.cli import src_out_parser
 from convert.loader import add_axes_dim_flag, load_flux
 from convert.orbax_io import write_flux
 from convert.pipeline_io import write_bundle
+from flux_jax.io.cli import reported_errors
+from flux_jax.io.files import atomic_directory
 
 PROG = "python -m convert.torch_to_flax"
 

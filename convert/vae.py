@@ -10,8 +10,8 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
-from convert.errors import CheckpointError
 from convert.hf_modules import load_mirrored, stored_dtype
+from flux_jax.io.errors import CheckpointError
 from flux_jax.vae import AutoencoderConfig, AutoencoderKL
 
 

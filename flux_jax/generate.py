@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from flux_jax.io.cli import reported_errors
 
 PROG = "python -m flux_jax.generate"
 
@@ -26,7 +27,7 @@ def generate(model: str, prompt: str, *, out: str | os.PathLike, steps: int | No
              height: int = 1024, width: int = 1024, seed: int = 0, batch: int = 1, dtype: str | None = None,
              progress: bool = True) -> tuple[list[Path], float]:
     """Writes `batch` PNGs for `prompt` into `out`; returns their paths and the seconds per step."""
-    from convert.atomic import atomic_file
+    from flux_jax.io.files import atomic_file
     from flux_jax.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(model, dtype=dtype)
@@ -70,14 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
-    from convert.errors import CheckpointError
-
-    try:
+    with reported_errors(PROG, also=(ValueError,)):  # the pipeline checks its arguments with ValueError
         paths, seconds = generate(args.model, args.prompt, out=args.out, steps=args.steps, guidance=args.guidance,
                                   height=args.height, width=args.width, seed=args.seed, batch=args.batch, dtype=args.dtype)
-    except (CheckpointError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     print(f"{seconds:.3f} s/step")
     for path in paths:
         print(f"wrote {path}")

@@ -10,7 +10,6 @@ The transformer may be full precision, a ternary student or a packed model: what
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,22 +20,11 @@ import numpy as np
 from flax import nnx
 
 from flux_jax.model import Flux
-from flux_jax.sampling import (SchedulerConfig, denoise, image_ids, pack_latents, schedule, text_ids,
-                               unpack_latents)
+from flux_jax.pipeline_settings import PipelineSettings
+from flux_jax.sampling import pack_latents, sample_latents, unpack_latents
 from flux_jax.text import CLIPTextEncoder, T5Encoder
 from flux_jax.text.prompts import PromptEncoder
 from flux_jax.vae import AutoencoderKL
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineSettings:
-    """What the scheduler and tokenizers of a FLUX release fix: dev shifts its schedule with the
-    resolution, schnell not."""
-
-    scheduler: SchedulerConfig = SchedulerConfig()
-    max_sequence_length: int = 512
-    default_steps: int = 28
-    default_guidance: float = 3.5
 
 
 class FluxPipeline:
@@ -46,14 +34,6 @@ class FluxPipeline:
         self.text = PromptEncoder(clip, t5, clip_tokenizer, t5_tokenizer, settings.max_sequence_length)
         self.settings = settings
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    @property
-    def clip(self) -> CLIPTextEncoder:
-        return self.text.clip
-
-    @property
-    def t5(self) -> T5Encoder:
-        return self.text.t5
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> FluxPipeline:
@@ -104,11 +84,10 @@ class FluxPipeline:
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != (len(prompts), (h // 2) * (w // 2), 4 * channels):
             raise ValueError(f"latents have shape {latents.shape}, expected {(len(prompts), (h // 2) * (w // 2), 4 * channels)}")
-        sigmas = schedule(steps, latents.shape[1], self.settings.scheduler)
-        g = jnp.full((len(prompts),), guidance, jnp.float32) if self.transformer.config.guidance_embed else None
         with _listening(progress):
-            images = np.asarray(_compiled_generate(self.transformer, self.vae, latents, features, pooled, jnp.asarray(sigmas), g,
-                                         height=h, width=w, progress=progress is not None))
+            images = np.asarray(_compiled_generate(self.transformer, self.vae, latents, features, pooled, jnp.float32(guidance),
+                                                   height=h, width=w, steps=steps, scheduler=self.settings.scheduler,
+                                                   progress=progress is not None))
         if output_type == "np":
             return images
         from PIL import Image
@@ -136,19 +115,18 @@ def _listening(progress: Callable[[int], None] | None):
         _step_listener.clear()
 
 
-def _generate(transformer, vae, latents, features, pooled, sigmas, guidance, *, height, width, progress):
+def _generate(transformer, vae, latents, features, pooled, guidance, *, height, width, steps, scheduler, progress):
     """Denoise (one compiled loop) and decode: packed noise -> images (B, H, W, 3) in [0, 1]."""
-    batch, length = features.shape[:2]
     dtype = jnp.dtype(transformer.config.dtype)
-    x = denoise(transformer, latents.astype(dtype), jnp.asarray(image_ids(batch, height, width)), features.astype(dtype),
-                jnp.asarray(text_ids(batch, length)), pooled.astype(dtype), sigmas, guidance,
-                callback=_report_step if progress else None)
+    x = sample_latents(transformer, latents.astype(dtype), features.astype(dtype), pooled.astype(dtype),
+                       latent_height=height, latent_width=width, steps=steps, guidance=guidance, scheduler=scheduler,
+                       callback=_report_step if progress else None)
     z = unpack_latents(x.astype(jnp.float32), height, width)
     z = z / vae.config.scaling_factor + vae.config.shift_factor
     images = vae.decode(jnp.transpose(z, (0, 2, 3, 1)))
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
-_compiled_generate = nnx.jit(_generate, static_argnames=("height", "width", "progress"))
+_compiled_generate = nnx.jit(_generate, static_argnames=("height", "width", "steps", "scheduler", "progress"))
 """`_generate` compiled once per model structure and shape, shared by every `FluxPipeline`: a second
 pipeline with the same configs reuses the first one's compilation."""

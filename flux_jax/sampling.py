@@ -132,5 +132,36 @@ def denoise(
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1 if steps is None else steps, step, img)
 
 
-sample = nnx.jit(denoise)
-"""`denoise` compiled (models as arguments): one cache of compiled samplers for every caller."""
+def sample_latents(
+    model: nnx.Module,
+    noise: jax.Array,
+    txt: jax.Array,
+    y: jax.Array,
+    *,
+    latent_height: int,
+    latent_width: int,
+    steps: int,
+    guidance: float | jax.Array | None = None,
+    scheduler: SchedulerConfig | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """FLUX's text-to-latent sampler, the one every caller uses (the pipeline, the trainer's sample
+    grids, its latent cache, the evaluation): packed noise (B, L, 4C) and encoded prompts (T5 features
+    `txt` (B, S, D), pooled CLIP `y` (B, V)) -> the packed latents at sigma = 0 after `steps` Euler steps.
+
+    It builds the position ids of a `latent_height` x `latent_width` grid and the schedule (`scheduler`:
+    a folder's settings; None: the release's own, dev's shifted schedule for a guidance-distilled model,
+    schnell's unshifted one otherwise), then runs `denoise`. `guidance` (a scale, or one per sample) goes
+    to guidance-distilled models and is ignored by others."""
+    batch, tokens = noise.shape[:2]
+    guided = model.config.guidance_embed
+    sigmas = schedule(steps, tokens, scheduler or SchedulerConfig(), shift=scheduler is not None or guided)
+    if guided and guidance is None:
+        raise ValueError("a guidance-distilled model (guidance_embed) samples with a guidance scale; got none")
+    g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,)) if guided else None
+    return denoise(model, noise, image_ids(batch, latent_height, latent_width), txt, text_ids(batch, txt.shape[1]), y,
+                   sigmas, g, callback=callback)
+
+
+sample = nnx.jit(sample_latents, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "callback"))
+"""`sample_latents` compiled (models as arguments): one cache of compiled samplers for every caller."""

@@ -15,6 +15,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flux_jax.io.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -39,7 +41,7 @@ SHARDING_TOLERANCE = 0.02
 """How much more than the rules' layout a device may hold because mesh axes were dropped (a fraction)."""
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh that leaves too much of a model unsharded."""
 
 

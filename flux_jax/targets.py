@@ -21,10 +21,12 @@ from pathlib import Path
 
 from jax.experimental import topologies
 
+from flux_jax.io.errors import UserError
+
 SPECS = Path(__file__).parent / "target_specs"
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A target that is unknown, or whose compiler is not installed."""
 
 

@@ -16,6 +16,8 @@ from safetensors.numpy import save_file
 from convert import CheckpointError, load_flux, save_flux
 from convert.torch_to_flax import convert_checkpoint
 from flux_jax import Flux
+from flux_jax.io.errors import OutputExistsError
+from tests import helpers
 from tests.torch_reference import (
     TINY_DEV,
     TINY_SCHNELL,
@@ -176,7 +178,7 @@ def test_hub_id_resolves_offline_from_the_local_cache(reference, reference_out, 
 
 def test_load_onto_a_mesh_shards_parameters_by_the_logical_rules(reference, reference_out, tmp_path):
     reference.save_pretrained(tmp_path)
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = helpers.mesh()
     model = load_flux(tmp_path, mesh=mesh)
     qkv = model.double_blocks[0].img_attn.qkv.kernel[...]
     assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -215,7 +217,7 @@ def test_convert_checkpoint_refuses_to_replace_output_unless_asked(reference, tm
     reference.save_pretrained(tmp_path / "src")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         convert_checkpoint(tmp_path / "src", tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     convert_checkpoint(tmp_path / "src", tmp_path / "out", overwrite=True, progress=False)

@@ -208,7 +208,7 @@ def test_quickstart_notebook_reproduces_the_runs_evaluation(short_world):
 
 
 def test_bad_teacher_configs_fail_before_training(tmp_path):
-    from convert import CheckpointError
+    from flux_jax.io.errors import OutputExistsError
     from train.teacher import TeacherConfigError
 
     with pytest.raises(TeacherConfigError, match="steps and batch_size must be at least 1"):
@@ -216,7 +216,7 @@ def test_bad_teacher_configs_fail_before_training(tmp_path):
     with pytest.raises(TeacherConfigError, match="unknown world 'letters'"):
         train_teacher(TeacherConfig(world="letters", out=str(tmp_path / "t")))
     (tmp_path / "t").mkdir()
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         train_teacher(TeacherConfig(overwrite=False, out=str(tmp_path / "t")))
     assert not any((tmp_path / "t").iterdir())
 

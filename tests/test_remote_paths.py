@@ -33,9 +33,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from convert import CheckpointError, load_flux, save_flux
-from convert.atomic import append_file, persist, write_file
 from convert.orbax_io import META_FILE, is_flux_checkpoint, load_flux_checkpoint
 from flux_jax import Flux, FluxConfig
+from flux_jax.io.errors import OutputExistsError
+from flux_jax.io.files import append_file, persist, write_file
 from flux_jax.ternary import describe, quantize_model
 from train import distill
 from train.cache import load_cache
@@ -251,7 +252,7 @@ def test_save_flux_to_a_remote_location_and_load_it_back(gcs, root):
         load_flux(f"{root}/nothing")
     same = nnx.to_flat_state(nnx.state(loaded)), nnx.to_flat_state(nnx.state(model))
     assert all(np.array_equal(a[...], b[...]) for (_, a), (_, b) in zip(*same))
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         save_flux(model, f"{root}/student")
     save_flux(model, f"{root}/student", overwrite=True)
     assert is_flux_checkpoint(f"{root}/student")

@@ -8,8 +8,18 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from flax import nnx
 
 from flux_jax import Flux
-from flux_jax.sampling import (SCHNELL_SCHEDULER, SchedulerConfig, denoise, image_ids, pack_latents, schedule, shift_mu,
-                               text_ids, unpack_latents)
+from flux_jax.sampling import (
+    SCHNELL_SCHEDULER,
+    SchedulerConfig,
+    denoise,
+    image_ids,
+    pack_latents,
+    sample,
+    schedule,
+    shift_mu,
+    text_ids,
+    unpack_latents,
+)
 from tests.pipeline_reference import FLUX_DEV_SCHEDULER, diffusers_schedule
 from tests.torch_reference import TINY_DEV
 
@@ -98,3 +108,14 @@ def test_euler_loop_matches_diffusers_scheduler_steps_and_compiles_once():
         v = model(x.numpy(), iids, txt, tids, np.full((1,), t.item() / 1000, np.float32), y, g)
         x = scheduler.step(torch.from_numpy(np.array(v)), t, x).prev_sample
     np.testing.assert_allclose(np.asarray(out), x.numpy(), rtol=1e-4, atol=1e-4 * np.abs(x.numpy()).max())
+
+    # the one entry point every caller uses builds the same ids and (dev's) schedule itself
+    entry = sample(model, img, txt, y, latent_height=h, latent_width=w, steps=steps, guidance=3.5)
+    np.testing.assert_allclose(np.asarray(entry), x.numpy(), rtol=1e-4, atol=1e-4 * np.abs(x.numpy()).max())
+    # a folder's schedule, here schnell's (unshifted)
+    unshifted = denoise(model, img, iids, txt, tids, y, np.linspace(1, 0, steps + 1).astype(np.float32), g)
+    entry = sample(model, img, txt, y, latent_height=h, latent_width=w, steps=steps, guidance=3.5, scheduler=SCHNELL_SCHEDULER)
+    np.testing.assert_allclose(np.asarray(entry), np.asarray(unshifted), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(entry), x.numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        sample(model, img, txt, y, latent_height=h, latent_width=w, steps=steps)

@@ -11,15 +11,14 @@ import io
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from convert.atomic import write_file
-from flux_jax.sampling import sample, schedule, shift_sigmas
+from flux_jax.io.files import write_file
+from flux_jax.sampling import sample, shift_sigmas
 from train.config import DistillConfig
-from train.data import DataError, PromptEmbeddings, position_ids
+from train.data import DataError, PromptEmbeddings
 
 CHUNK = 64
 
@@ -38,7 +37,6 @@ def build_cache(config: DistillConfig, teacher, prompts: PromptEmbeddings, batch
     split over the mesh); process 0 writes it."""
     n = len(prompts.txt)
     tokens = (config.latent_height // 2) * (config.latent_width // 2)
-    sigmas = jnp.asarray(schedule(config.sampler_steps, tokens, shift=teacher.config.guidance_embed))
     chunk = math.lcm(CHUNK, config.batch_size)
     for index in range(math.ceil(n / chunk)):
         if _chunk_path(config, index).exists():
@@ -49,9 +47,9 @@ def build_cache(config: DistillConfig, teacher, prompts: PromptEmbeddings, batch
         guidance = None
         if teacher.config.guidance_embed:
             guidance = jax.random.uniform(jax.random.fold_in(key, 1), (chunk,), minval=config.guidance_min, maxval=config.guidance_max)
-        img_ids, txt_ids = position_ids(chunk, config.latent_height, config.latent_width, prompts.txt.shape[1])
-        x0 = sample(teacher, noise, img_ids, jax.device_put(prompts.txt[rows], batch_sharding), txt_ids,
-                    jax.device_put(prompts.y[rows], batch_sharding), sigmas, guidance)
+        x0 = sample(teacher, noise, jax.device_put(prompts.txt[rows], batch_sharding), jax.device_put(prompts.y[rows], batch_sharding),
+                    latent_height=config.latent_height, latent_width=config.latent_width, steps=config.sampler_steps,
+                    guidance=guidance)
         x0 = multihost_utils.process_allgather(x0, tiled=True) if jax.process_count() > 1 else np.asarray(x0)
         if jax.process_index() == 0:
             write_file(_chunk_path(config, index), _npy(np.asarray(x0, np.float32)[: min(chunk, n - index * chunk)]))

@@ -8,7 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from convert.atomic import location
+from flux_jax.io.files import location
 
 
 def manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:

@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.atomic import location
 from flux_jax.config import FluxConfig
-from flux_jax.sampling import denoise, image_ids, schedule, text_ids
+from flux_jax.io.errors import UserError
+from flux_jax.io.files import location
+from flux_jax.sampling import image_ids, schedule, text_ids
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
 
 

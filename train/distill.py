@@ -40,35 +40,37 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from convert import CheckpointError, load_flux, save_flux
-from convert.atomic import append_file, location, persist, write_file
+from convert import load_flux, save_flux
 from convert.orbax_io import META_FILE, is_flux_checkpoint, write_flux
 from convert.pipeline_io import load_prompt_encoder
 from flux_jax.config import PRESETS as MODEL_PRESETS
 from flux_jax.config import FluxConfig
+from flux_jax.io.cli import reported_errors
+from flux_jax.io.errors import CheckpointError, UserError
+from flux_jax.io.files import append_file, location, persist, write_file
 from flux_jax.model import Flux
 from flux_jax.params import leaf_sharding
-from flux_jax.sharding import ShardingError, check_sharded
+from flux_jax.sharding import check_sharded
 from flux_jax.ternary import QuantPolicy, build, pack_model, quantize_model
 from train import checkpointing, optim
 from train.cache import build_cache, cached_state, load_cache
-from train.samples import sample_grid, save_png
-from train.tensorboard import ScalarWriter
 from train.config import PRESETS, RESUME_FREE_FIELDS, DistillConfig
-from train.data import DataError, PromptEmbeddings, batch_indices, position_ids, read_prompts, trajectory_state
+from train.data import PromptEmbeddings, batch_indices, position_ids, read_prompts, trajectory_state
 from train.losses import distill_loss
+from train.mesh import make_mesh
+from train.samples import sample_grid, save_png
 from train.teacher import TeacherConfig, train_teacher
+from train.tensorboard import ScalarWriter
 from train.worlds import WORLDS
-from train.mesh import MeshError, make_mesh
 
 PROG = "python -m train.distill"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (a non-finite loss); the message says where the last good checkpoint is."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -629,22 +631,15 @@ def use_compile_cache(config: DistillConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["cache"]:
-        try:
+    with reported_errors(PROG):
+        if argv[:1] == ["cache"]:
             config = parse(argv[1:])
             use_compile_cache(config)
             print(f"latent cache in {cache(config)}")
-        except (CheckpointError, DataError, MeshError, ConfigError, ShardingError) as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-        return
-    try:
+            return
         config = parse(argv)
         use_compile_cache(config)
         report(config, train(config))
-    except (CheckpointError, DataError, MeshError, ConfigError, ShardingError, TrainingError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def report(config: DistillConfig, result: dict) -> None:

@@ -27,14 +27,14 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
+from flux_jax.io.cli import reported_errors
+from flux_jax.io.errors import CheckpointError
 from flux_jax.model import Flux
-from flux_jax.sampling import sample, schedule
-from flux_jax.ternary import pack_model, quantize_model, describe
-from train.data import position_ids
+from flux_jax.sampling import sample
+from flux_jax.ternary import describe, pack_model, quantize_model
 from train.worlds import digits
 
 PROG = "python -m train.evaluate"
-MODELS = ("teacher", "ptq", "student", "packed")
 GOALS = {"teacher_adherence": 90.0, "student_gap": 3.0}
 
 
@@ -108,16 +108,15 @@ def generate(model: Flux, txt: np.ndarray, y: np.ndarray, *, samples: int, sampl
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(n))
     tokens = (digits.SIZE // 2) ** 2
     noise = jax.vmap(lambda k: jax.random.normal(k, (tokens, model.config.in_channels)))(keys)
-    sigmas = jnp.asarray(schedule(sampler_steps, tokens, shift=model.config.guidance_embed))
     out = []
     for start in range(0, n, batch_size):
         part = slice(start, min(start + batch_size, n))
         size = part.stop - part.start
         pad = batch_size - size
         index = np.concatenate([rows[part], np.repeat(rows[part][-1:], pad)])
-        img_ids, txt_ids = position_ids(batch_size, digits.SIZE, digits.SIZE, txt.shape[1])
         x = jnp.concatenate([noise[part], jnp.repeat(noise[part][-1:], pad, axis=0)])
-        out.append(np.asarray(sample(model, x, img_ids, jnp.asarray(txt[index]), txt_ids, jnp.asarray(y[index]), sigmas))[:size])
+        out.append(np.asarray(sample(model, x, jnp.asarray(txt[index]), jnp.asarray(y[index]), latent_height=digits.SIZE,
+                                     latent_width=digits.SIZE, steps=sampler_steps))[:size])
     return digits.to_images(np.concatenate(out)).reshape(len(txt), samples, digits.SIZE, digits.SIZE)
 
 
@@ -194,7 +193,7 @@ def goals(rows: Mapping[str, dict]) -> list[tuple[str, bool]]:
 
 def load_models(teacher_path: str, student_path: str, packed_path: str | None = None) -> dict[str, Flux]:
     """The four models: PTQ rounds the teacher with the student's own policy."""
-    from convert import CheckpointError, load_flux
+    from convert import load_flux
 
     teacher, student = load_flux(teacher_path), load_flux(student_path)
     packed = load_flux(packed_path) if packed_path else pack_model(student)
@@ -232,14 +231,9 @@ def save_grid(images: Mapping[str, np.ndarray], path: epath.Path, scale: int = 4
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
-    from convert import CheckpointError
-
     config = tyro.cli(EvaluateConfig, args=sys.argv[1:] if argv is None else argv, prog=PROG)
-    try:
+    with reported_errors(PROG, also=(ValueError,)):  # settings are checked with ValueError
         text, _ = run(config)
-    except (CheckpointError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     print(text)
 
 

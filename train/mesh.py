@@ -7,11 +7,12 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
+from flux_jax.io.errors import UserError
 from flux_jax.sharding import MESH_AXES
 from train.config import MeshConfig
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     pass
 
 

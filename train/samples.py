@@ -10,9 +10,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from convert.atomic import write_file
-from flux_jax.sampling import sample, schedule, unpack_latents
-from train.data import PromptEmbeddings, position_ids
+from flux_jax.io.files import write_file
+from flux_jax.sampling import sample, unpack_latents
+from train.data import PromptEmbeddings
 
 NUM_SAMPLES = 4
 
@@ -32,12 +32,10 @@ def sample_grid(teacher, student, prompts: PromptEmbeddings, *, latent_height: i
     n = min(NUM_SAMPLES, len(prompts.txt))
     tokens = (latent_height // 2) * (latent_width // 2)
     noise = jax.random.normal(jax.random.key(seed), (n, tokens, teacher.config.in_channels))
-    img_ids, txt_ids = position_ids(n, latent_height, latent_width, prompts.txt.shape[1])
-    sigmas = jnp.asarray(schedule(sampler_steps, tokens, shift=teacher.config.guidance_embed))
-    g = jnp.full((n,), guidance) if teacher.config.guidance_embed else None
     rows = []
     for model in (teacher, student):
-        x = sample(model, noise, img_ids, jnp.asarray(prompts.txt[:n]), txt_ids, jnp.asarray(prompts.y[:n]), sigmas, g)
+        x = sample(model, noise, jnp.asarray(prompts.txt[:n]), jnp.asarray(prompts.y[:n]), latent_height=latent_height,
+                   latent_width=latent_width, steps=sampler_steps, guidance=guidance)
         x = multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
         rows.append(np.concatenate(list(_preview(np.asarray(unpack_latents(jnp.asarray(x, jnp.float32), latent_height, latent_width)))), axis=1))
     return np.concatenate(rows, axis=0)

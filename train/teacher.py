@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +22,10 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert import CheckpointError, save_flux
-from convert.atomic import location
+from convert import save_flux
+from flux_jax.io.cli import reported_errors
+from flux_jax.io.errors import OutputExistsError, UserError
+from flux_jax.io.files import location
 from flux_jax.model import Flux
 from train import optim
 from train.data import position_ids
@@ -31,7 +34,7 @@ from train.worlds import WORLDS, digits
 PROG = "python -m train.teacher"
 
 
-class TeacherConfigError(ValueError):
+class TeacherConfigError(UserError, ValueError):
     pass
 
 
@@ -75,7 +78,7 @@ def train_teacher(config: TeacherConfig, *, progress: bool = True) -> tuple[epat
     world = WORLDS[config.world]
     out = location(config.out) if config.out else world.teacher_path()
     if not config.overwrite and location(out).exists():
-        raise CheckpointError(f"{out}: already exists (leave out --no-overwrite to replace it)")
+        raise OutputExistsError(f"{out}: already exists (leave out --no-overwrite to replace it)")
     images, labels = world.images("train")
     latents = world.to_latents(images)
     phrasings = world.prompts("train")
@@ -124,11 +127,8 @@ def main(argv: list[str] | None = None) -> None:
 
     config = tyro.cli(TeacherConfig, args=sys.argv[1:] if argv is None else argv, prog=PROG)
     began = time.perf_counter()
-    try:
+    with reported_errors(PROG):
         out, losses = train_teacher(config)
-    except (TeacherConfigError, CheckpointError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     print(f"{config.world} teacher trained in {time.perf_counter() - began:.0f} s (loss {losses[0]:.3f} -> {losses[-1]:.3f}); saved to {out}")
 
 

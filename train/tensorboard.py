@@ -1,6 +1,6 @@
 """Scalars as TensorBoard event files, framed by the `tensorboard` package's own record writer (no
 TensorFlow, no PyTorch: tensorboardX would import torch wherever it is installed), on a local disk or
-at any `etils.epath` location (gs://: see `convert.atomic.append_file`)."""
+at any `etils.epath` location (gs://: see `flux_jax.io.files.append_file`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from convert.atomic import append_file, location
+from flux_jax.io.files import append_file, location
 
 _uid = itertools.count()
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from etils import epath
 
-from convert.errors import CheckpointError
+from flux_jax.io.errors import OutputExistsError
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -92,7 +92,7 @@ def _remote_directory(out: epath.Path, *, overwrite: bool) -> Iterator[epath.Pat
 
 def _refuse_existing(out: Path | epath.Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+        raise OutputExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
 
 
 @contextlib.contextmanager
