@@ -60,6 +60,13 @@ def test_encoders_are_fixed_by_their_seed():
     assert not np.allclose(txt[0], txt[1])
 
 
+def test_the_digits_world_is_a_world_found_by_name_only():
+    from train.worlds import World, find_world
+
+    assert isinstance(digits, World) and find_world("digits") is digits
+    assert find_world("flux-dev") is None and find_world("/runs/teacher") is None and find_world(None) is None
+
+
 def test_frechet_distance_matches_the_gaussian_formula():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((20000, 3))

@@ -150,7 +150,10 @@ def test_text_prompts_are_encoded_with_the_teachers_own_encoders(tmp_path, pipel
     config = dataclasses.replace(BASE, teacher=str(pipeline_folder), prompts=str(tmp_path / "prompts.jsonl"), text_length=12,
                                  batch_size=2, workdir=str(tmp_path / "run"), steps=2)
     teacher = load_flux(pipeline_folder / "transformer")
-    prompts = distill.load_prompts(config, distill.prompt_texts(config), teacher.config, make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2]))
+    world = distill.prompt_world(config)
+    assert world is None  # a pipeline folder, not a world
+    prompts = distill.load_prompts(config, distill.prompt_texts(config, world), teacher.config,
+                                   make_mesh(MeshConfig(data=1, fsdp=2, tensor=1), jax.devices()[:2]), world)
     import torch
     from diffusers import FluxPipeline as TorchFluxPipeline
 

@@ -61,7 +61,7 @@ from train.mesh import make_mesh
 from train.samples import sample_grid, save_png
 from train.teacher import TeacherConfig, train_teacher
 from train.tensorboard import ScalarWriter
-from train.worlds import WORLDS
+from train.worlds import World, find_world
 
 PROG = "python -m train.distill"
 
@@ -77,8 +77,9 @@ class ConfigError(UserError, ValueError):
 def load_teacher(spec: str, mesh: Mesh, seed: int) -> Flux:
     """A world's name gives its trained teacher (trained first when its cache has none); a FluxConfig
     preset name a random teacher (smoke runs); anything else goes to load_flux."""
-    if spec in WORLDS:
-        path = WORLDS[spec].teacher_path()
+    world = find_world(spec)
+    if world is not None:
+        path = world.teacher_path()
         found = is_flux_checkpoint(path)
         if jax.process_count() > 1:  # every host decides alike, or some would wait for the others forever
             found = bool(multihost_utils.process_allgather(np.array(found)).all())
@@ -109,7 +110,7 @@ def optimizer_for(config: DistillConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, config.grad_accum) if config.grad_accum > 1 else tx
 
 
-def _check(config: DistillConfig, mesh) -> None:
+def _check(config: DistillConfig, mesh, world: World | None) -> None:
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % math.lcm(data_parallel, jax.process_count()):
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the data axes (data x fsdp = {data_parallel})"
@@ -123,12 +124,11 @@ def _check(config: DistillConfig, mesh) -> None:
         raise ConfigError("steps, sampler_steps, grad_accum, save_every, log_every and eval_samples must be at least 1")
     if config.feature_weight < 0:
         raise ConfigError(f"feature_weight must not be negative, got {config.feature_weight}")
-    source = config.text_encoders or config.teacher
     text_prompts = config.prompts is not None and not config.prompts.endswith(".npz")
-    if config.text_encoders and not text_prompts and not (config.prompts is None and source in WORLDS):
+    if config.text_encoders and not text_prompts and not (config.prompts is None and world is not None):
         raise ConfigError("--text-encoders encodes text prompts; give them with --prompts FILE.txt or FILE.jsonl")
-    if source in WORLDS and (config.prompts is None or text_prompts) and config.text_length != WORLDS[source].TEXT_LENGTH:
-        raise ConfigError(f"the {source} world's encoders take {WORLDS[source].TEXT_LENGTH} tokens; "
+    if world is not None and (config.prompts is None or text_prompts) and config.text_length != world.TEXT_LENGTH:
+        raise ConfigError(f"the {world.NAME} world's encoders take {world.TEXT_LENGTH} tokens; "
                           f"text_length is {config.text_length}")
 
 
@@ -153,23 +153,29 @@ def _setup(config: DistillConfig):
     """Processes, mesh, teacher and prompts: what training and cache building share."""
     start_processes(config)
     mesh = make_mesh(config.mesh)
-    _check(config, mesh)
-    texts = prompt_texts(config)  # a bad prompt file is named before the teacher is loaded or trained
+    world = prompt_world(config)
+    _check(config, mesh, world)
+    texts = prompt_texts(config, world)  # a bad prompt file is named before the teacher is loaded or trained
     teacher = load_teacher(config.teacher, mesh, config.seed)
     teacher.config = teacher.config.replace(scan_blocks=config.scan_blocks)
-    return mesh, teacher, load_prompts(config, texts, teacher.config, mesh)
+    return mesh, teacher, load_prompts(config, texts, teacher.config, mesh, world)
 
 
-def prompt_texts(config: DistillConfig) -> list[str] | None:
-    """The run's prompts in words: from --prompts (.txt/.jsonl), or a world's training phrasings; None
+def prompt_world(config: DistillConfig) -> World | None:
+    """The world whose prompts and encoders the run uses: that of --text-encoders, else of --teacher."""
+    return find_world(config.text_encoders or config.teacher)
+
+
+def prompt_texts(config: DistillConfig, world: World | None) -> list[str] | None:
+    """The run's prompts in words: from --prompts (.txt/.jsonl), or the world's training phrasings; None
     when the prompts are embeddings (.npz) or random stand-ins."""
-    source = config.text_encoders or config.teacher
     if config.prompts is None:
-        return [p.text for p in WORLDS[source].prompts("train")] if source in WORLDS else None
+        return [p.text for p in world.prompts("train")] if world is not None else None
     return None if config.prompts.endswith(".npz") else read_prompts(config.prompts)
 
 
-def load_prompts(config: DistillConfig, texts: list[str] | None, flux: FluxConfig, mesh: Mesh) -> PromptEmbeddings:
+def load_prompts(config: DistillConfig, texts: list[str] | None, flux: FluxConfig, mesh: Mesh,
+                 world: World | None) -> PromptEmbeddings:
     """The run's prompts as embeddings: `texts` encoded now with the text encoders of `text_encoders`
     (default: the teacher's folder, or its world's), precomputed (.npz), or random stand-ins."""
     if texts is None:
@@ -177,8 +183,8 @@ def load_prompts(config: DistillConfig, texts: list[str] | None, flux: FluxConfi
             return PromptEmbeddings.load(config.prompts, flux)
         return PromptEmbeddings.random(config.num_random_prompts, config.text_length, flux, config.seed)
     source = config.text_encoders or config.teacher
-    if source in WORLDS:
-        encoder = WORLDS[source].prompt_encoder()
+    if world is not None:
+        encoder = world.prompt_encoder()
     else:
         try:
             encoder = load_prompt_encoder(source, max_sequence_length=config.text_length, dtype=flux.dtype, mesh=mesh)
@@ -652,7 +658,7 @@ def report(config: DistillConfig, result: dict) -> None:
     packed = workdir / "packed" if config.pack and jax.process_count() == 1 else None
     print(f"done at step {result['last_step']}; checkpoints in {workdir / 'checkpoints'}, student in {workdir / 'student'}"
           + (f", packed in {packed}" if packed else ""))
-    if config.evaluate and config.teacher in WORLDS and jax.process_count() == 1:
+    if config.evaluate and find_world(config.teacher) is not None and jax.process_count() == 1:
         from train.evaluate import EvaluateConfig, run
 
         print(run(EvaluateConfig(student=str(workdir / "student"), packed=str(packed) if packed else None,

@@ -29,7 +29,7 @@ from flux_jax.io.files import location
 from flux_jax.model import Flux
 from train import optim
 from train.data import position_ids
-from train.worlds import WORLDS, digits
+from train.worlds import WORLDS, digits, find_world
 
 PROG = "python -m train.teacher"
 
@@ -71,11 +71,11 @@ def flow_matching_loss(model: Flux, x0: jax.Array, noise: jax.Array, t: jax.Arra
 def train_teacher(config: TeacherConfig, *, progress: bool = True) -> tuple[epath.Path, list[float]]:
     """Trains the world's teacher and saves it; returns (checkpoint path, loss every 25 steps).
     Raises TeacherConfigError for a bad config, before any training."""
-    if config.world not in WORLDS:
+    world = find_world(config.world)
+    if world is None:
         raise TeacherConfigError(f"unknown world {config.world!r}; known: {', '.join(WORLDS)}")
     if min(config.steps, config.batch_size) < 1 or not 0.0 <= config.ema_decay < 1.0:
         raise TeacherConfigError("steps and batch_size must be at least 1, and ema_decay in [0, 1)")
-    world = WORLDS[config.world]
     out = location(config.out) if config.out else world.teacher_path()
     if not config.overwrite and location(out).exists():
         raise OutputExistsError(f"{out}: already exists (leave out --no-overwrite to replace it)")
