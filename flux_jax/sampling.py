@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,13 +89,19 @@ def shift_sigmas(sigmas, image_seq_len: int, config: SchedulerConfig = Scheduler
 
 
 def schedule(num_steps: int, image_seq_len: int, config: SchedulerConfig = SchedulerConfig(), *,
-             shift: bool = True) -> np.ndarray:
+             shift: bool = True, sigmas: Sequence[float] | None = None) -> np.ndarray:
     """Noise levels sigma_0 = 1 > ... > sigma_n = 0 (num_steps + 1 values), each shifted as `config`
-    says (`shift_sigmas`). `shift=False`, the older way to ask for schnell's schedule, leaves them
-    unshifted whatever `config`."""
+    says (`shift_sigmas`). `sigmas` (diffusers' argument of that name: num_steps values) replaces the
+    evenly spaced levels before the shift; 0 is appended. `shift=False`, the older way to ask for
+    schnell's schedule, leaves them unshifted whatever `config`."""
     if num_steps < 1:
         raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
-    sigmas = np.linspace(1.0, 0.0, num_steps + 1)
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 0.0, num_steps + 1)
+    else:
+        sigmas = np.append(np.asarray(sigmas, np.float64), 0.0)
+        if sigmas.shape != (num_steps + 1,) or not np.all(sigmas[:-1] > 0) or not np.all(sigmas[:-1] <= 1):
+            raise ValueError(f"sigmas must be {num_steps} noise levels in (0, 1], got {list(sigmas[:-1])}")
     if shift:
         sigmas = shift_sigmas(sigmas, image_seq_len, config)
     return sigmas.astype(np.float32)
@@ -110,14 +116,18 @@ def denoise(
     y: jax.Array,
     sigmas: jax.Array,
     guidance: jax.Array | None = None,
-    callback: Callable[[int], None] | None = None,
+    callback: Callable[[int, float, np.ndarray], None] | None = None,
     steps: int | jax.Array | None = None,
+    negative: tuple[jax.Array, jax.Array] | None = None,
+    true_cfg_scale: float | jax.Array = 1.0,
 ) -> jax.Array:
     """Euler integration of the flow from sigma_0 to sigma_n: x <- x + (sigma_{i+1} - sigma_i) * v(x, sigma_i).
 
     One `fori_loop` over the steps, so under jit the model is traced once whatever the step count.
-    `callback(i)` runs on the host after step i (progress bars). `steps` (may be traced) stops after
-    that many steps, at sigma_steps, instead of at the end.
+    `callback(i, sigma_i, x)` runs on the host after step i with the latents it made (progress bars,
+    previews). `steps` (may be traced) stops after that many steps, at sigma_steps, instead of at the
+    end. `negative` (its txt and y) turns on true classifier-free guidance, as diffusers' `true_cfg_scale`:
+    v = v_negative + true_cfg_scale * (v - v_negative), two model passes a step.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     batch = img.shape[0]
@@ -125,9 +135,14 @@ def denoise(
     def step(i, x):
         t = jnp.full((batch,), sigmas[i], jnp.float32)
         v = model(x, img_ids, txt, txt_ids, t, y, guidance)
+        if negative is not None:
+            v_negative = model(x, img_ids, negative[0], txt_ids, t, negative[1], guidance)
+            v = v_negative + true_cfg_scale * (v - v_negative)
+        x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
         if callback is not None:
-            jax.debug.callback(lambda step, _: callback(int(step)), i, v[0, 0, 0])  # after the step
-        return (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
+            jax.debug.callback(lambda step, sigma, latents: callback(int(step), float(sigma), np.asarray(latents)), i,
+                               sigmas[i], x)
+        return x
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1 if steps is None else steps, step, img)
 
@@ -143,7 +158,10 @@ def sample_latents(
     steps: int,
     guidance: float | jax.Array | None = None,
     scheduler: SchedulerConfig | None = None,
-    callback: Callable[[int], None] | None = None,
+    sigmas: tuple[float, ...] | None = None,
+    negative: tuple[jax.Array, jax.Array] | None = None,
+    true_cfg_scale: float | jax.Array = 1.0,
+    callback: Callable[[int, float, np.ndarray], None] | None = None,
 ) -> jax.Array:
     """FLUX's text-to-latent sampler, the one every caller uses (the pipeline, the trainer's sample
     grids, its latent cache, the evaluation): packed noise (B, L, 4C) and encoded prompts (T5 features
@@ -151,17 +169,18 @@ def sample_latents(
 
     It builds the position ids of a `latent_height` x `latent_width` grid and the schedule (`scheduler`:
     a folder's settings; None: the release's own, dev's shifted schedule for a guidance-distilled model,
-    schnell's unshifted one otherwise), then runs `denoise`. `guidance` (a scale, or one per sample) goes
-    to guidance-distilled models and is ignored by others."""
+    schnell's unshifted one otherwise; `sigmas`: other levels to shift, as diffusers' argument), then runs
+    `denoise`. `guidance` (a scale, or one per sample) goes to guidance-distilled models and is ignored
+    by others; `negative` and `true_cfg_scale` are true classifier-free guidance (see `denoise`)."""
     batch, tokens = noise.shape[:2]
     guided = model.config.guidance_embed
-    sigmas = schedule(steps, tokens, scheduler or SchedulerConfig(), shift=scheduler is not None or guided)
+    levels = schedule(steps, tokens, scheduler or SchedulerConfig(), shift=scheduler is not None or guided, sigmas=sigmas)
     if guided and guidance is None:
         raise ValueError("a guidance-distilled model (guidance_embed) samples with a guidance scale; got none")
     g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,)) if guided else None
     return denoise(model, noise, image_ids(batch, latent_height, latent_width), txt, text_ids(batch, txt.shape[1]), y,
-                   sigmas, g, callback=callback)
+                   levels, g, callback=callback, negative=negative, true_cfg_scale=true_cfg_scale)
 
 
-sample = nnx.jit(sample_latents, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "callback"))
+sample = nnx.jit(sample_latents, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "sigmas", "callback"))
 """`sample_latents` compiled (models as arguments): one cache of compiled samplers for every caller."""

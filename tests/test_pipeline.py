@@ -44,6 +44,67 @@ def test_images_match_diffusers_flux_pipeline(reference):
     assert expected.std() > 0.01  # not a blank image
 
 
+# Our keyword -> diffusers' for the options both have under different names.
+DIFFUSERS_NAMES = {"steps": "num_inference_steps", "guidance": "guidance_scale"}
+OPTIONS = {
+    "images per prompt, sequence length": dict(num_images_per_prompt=2, max_sequence_length=16),
+    "true cfg": dict(negative_prompt="a big green dog", true_cfg_scale=2.5),
+    "sigmas": dict(sigmas=[1.0, 0.8, 0.45, 0.2]),
+    "latent output": dict(output_type="latent"),
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_diffusers_call_options_give_diffusers_outputs(reference, options):
+    pipe, folder = reference
+    ours = FluxPipeline.from_pretrained(folder)
+    latents = packed_noise(2 * options.get("num_images_per_prompt", 1), 32, 48)
+    theirs = {**options, "output_type": options.get("output_type", "np")}
+    if "negative_prompt" in options:  # diffusers encodes a negative prompt as its own batch
+        theirs["negative_prompt"] = [options["negative_prompt"]] * len(PROMPTS)
+    if "sigmas" not in options:
+        theirs["num_inference_steps"] = 3
+    with torch.no_grad():
+        expected = pipe(PROMPTS, height=32, width=48, guidance_scale=3.5, latents=torch.from_numpy(latents),
+                        **{"max_sequence_length": 512, **theirs}).images
+    got = ours(PROMPTS, height=32, width=48, guidance=3.5, latents=latents, **{"output_type": "np", "steps": 3, **options})
+    expected = np.asarray(expected, np.float32)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 2e-3 * max(1.0, np.abs(expected).max()), np.abs(got - expected).max()
+    if "sigmas" in options or "negative_prompt" in options:  # the option changed the images
+        plain = ours(PROMPTS, height=32, width=48, steps=len(options.get("sigmas", [0] * 3)), guidance=3.5, latents=latents,
+                     output_type="np")
+        assert np.abs(got - plain).max() > 1e-2
+
+
+def test_prompt_embeddings_and_a_step_callback_that_reads_the_latents(reference):
+    pipe, folder = reference
+    ours = FluxPipeline.from_pretrained(folder)
+    latents = packed_noise(2, 32, 48)
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(PROMPTS, None, max_sequence_length=512)
+    seen = {"ours": [], "diffusers": []}
+
+    def record(side):
+        def callback(pipeline, step, timestep, tensors):
+            seen[side].append((step, float(timestep), np.asarray(tensors["latents"], np.float32)))
+            return tensors
+        return callback
+
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=32, width=48, num_inference_steps=3,
+                        guidance_scale=3.5, latents=torch.from_numpy(latents), output_type="np",
+                        callback_on_step_end=record("diffusers")).images
+    got = ours(prompt_embeds=embeds.numpy(), pooled_prompt_embeds=pooled.numpy(), height=32, width=48, steps=3, guidance=3.5,
+               latents=latents, output_type="np", callback_on_step_end=record("ours"))
+    assert np.abs(got - expected).max() < 2e-3
+    assert [(s, round(t, 2)) for s, t, _ in seen["ours"]] == [(s, round(t, 2)) for s, t, _ in seen["diffusers"]]
+    for (_, _, a), (_, _, b) in zip(seen["ours"], seen["diffusers"]):
+        assert np.abs(a - b).max() < 2e-3 * np.abs(b).max()
+    with pytest.raises(ValueError, match="give either prompt or both prompt_embeds and pooled_prompt_embeds"):
+        ours(PROMPTS, prompt_embeds=embeds.numpy(), height=32, width=48)
+
+
 def link_components(folder, target, *, but: str):
     """`folder`'s components but one, linked into `target`."""
     target.mkdir(exist_ok=True)
@@ -169,6 +230,12 @@ def test_generate_cli_writes_pngs_and_reports_speed(reference, tmp_path, capsys)
     assert "s/step" in out
     assert sorted(os.listdir(tmp_path / "out")) == ["7-0.png", "7-1.png"]
     assert Image.open(tmp_path / "out" / "7-0.png").size == (16, 32)
+    main(["--model", str(reference[1]), "--prompt", "a red cat", "--steps", "2", "--height", "32", "--width", "16", "--seed", "7",
+          "--negative-prompt", "a blue dog", "--true-cfg-scale", "3", "--max-sequence-length", "16", "--out", str(tmp_path / "cfg")])
+    expected = FluxPipeline.from_pretrained(reference[1])("a red cat", steps=2, height=32, width=16, seed=7, negative_prompt="a blue dog",
+                                                         true_cfg_scale=3.0, max_sequence_length=16)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cfg" / "7-0.png")), np.asarray(expected))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "cfg" / "7-0.png")), np.asarray(Image.open(tmp_path / "out" / "7-0.png")))
 
 
 @pytest.mark.parametrize("argv, message", [(["--height", "20"], "multiples of 8"), (["--steps", "-3"], "at least 1")])

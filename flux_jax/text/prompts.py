@@ -40,12 +40,13 @@ class PromptEncoder:
         self.clip_tokenizer, self.t5_tokenizer = clip_tokenizer, t5_tokenizer
         self.max_sequence_length = max_sequence_length
 
-    def __call__(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        """(pooled CLIP vectors (B, clip hidden), T5 token features (B, max_sequence_length, d_model))."""
+    def __call__(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """(pooled CLIP vectors (B, clip hidden), T5 token features (B, max_sequence_length, d_model));
+        `max_sequence_length` overrides the encoder's for this call."""
         prompts = list(prompts)
         if not prompts:
             raise ValueError("the prompt list is empty")
         clip_length = min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings)
         clip_ids = tokenize(self.clip_tokenizer, prompts, clip_length, "CLIP")
-        t5_ids = tokenize(self.t5_tokenizer, prompts, self.max_sequence_length, "T5")
+        t5_ids = tokenize(self.t5_tokenizer, prompts, max_sequence_length or self.max_sequence_length, "T5")
         return _encode(self.clip, self.t5, clip_ids, t5_ids)
