@@ -21,6 +21,7 @@ from flux_jax.io.errors import CheckpointError
 from flux_jax.pipeline_settings import PipelineSettings
 from flux_jax.sampling import SchedulerConfig
 from flux_jax.text import PromptEncoder
+from flux_jax.text.int8 import int8_text_encoder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -77,23 +78,35 @@ def _pipeline_root(path_or_id: str | os.PathLike, components: tuple[str, ...]) -
     return root
 
 
-def _text_components(root: Path, *, dtype, mesh) -> dict:
+TEXT_ENCODER_DTYPES = (None, "int8")
+
+
+def _text_components(root: Path, *, dtype, mesh, text_encoder_dtype: str | None = None) -> dict:
+    """CLIP, T5 and their tokenizers; with text_encoder_dtype "int8" the encoders' linear weights are
+    int8 (`flux_jax.text.int8`), their activations stay in `dtype`."""
+    clip = load_clip_text_encoder(root / "text_encoder", dtype=dtype, mesh=mesh)
+    t5 = load_t5_encoder(root / "text_encoder_2", dtype=dtype, mesh=mesh)
+    if text_encoder_dtype == "int8":
+        clip, t5 = int8_text_encoder(clip), int8_text_encoder(t5)
     return {
-        "clip": load_clip_text_encoder(root / "text_encoder", dtype=dtype, mesh=mesh),
-        "t5": load_t5_encoder(root / "text_encoder_2", dtype=dtype, mesh=mesh),
+        "clip": clip,
+        "t5": t5,
         "clip_tokenizer": _tokenizer(root / "tokenizer"),
         "t5_tokenizer": _tokenizer(root / "tokenizer_2"),
     }
 
 
-def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> dict:
+def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=None,
+                             text_encoder_dtype: str | None = None) -> dict:
+    if text_encoder_dtype not in TEXT_ENCODER_DTYPES:  # before any weight is read
+        raise ValueError(f"text_encoder_dtype must be None (as stored) or 'int8', got {text_encoder_dtype!r}")
     root = _pipeline_root(path_or_id, COMPONENTS)
     scheduler = scheduler_config(root / "scheduler")  # a bad one is named before any weights are read
     transformer = load_flux(root / "transformer", dtype=dtype, mesh=mesh)
     return {
         "transformer": transformer,
         "vae": load_vae(root / "vae", dtype=dtype, mesh=mesh),
-        **_text_components(root, dtype=dtype, mesh=mesh),
+        **_text_components(root, dtype=dtype, mesh=mesh, text_encoder_dtype=text_encoder_dtype),
         "settings": PipelineSettings.for_release(scheduler, guidance_embed=transformer.config.guidance_embed),
     }
 

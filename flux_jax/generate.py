@@ -26,13 +26,13 @@ PROG = "python -m flux_jax.generate"
 def generate(model: str, prompt: str, *, out: str | os.PathLike, steps: int | None = None, guidance: float | None = None,
              height: int = 1024, width: int = 1024, seed: int = 0, batch: int = 1, dtype: str | None = None,
              negative_prompt: str | None = None, true_cfg_scale: float = 1.0, max_sequence_length: int | None = None,
-             progress: bool = True) -> tuple[list[Path], float]:
+             text_encoder_dtype: str | None = None, progress: bool = True) -> tuple[list[Path], float]:
     """Writes `batch` PNGs for `prompt` into `out`; returns their paths and the seconds per step. The other
     arguments are FluxPipeline's (diffusers' names)."""
     from flux_jax.io.files import atomic_file
     from flux_jax.pipeline import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(model, dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(model, dtype=dtype, text_encoder_dtype=text_encoder_dtype)
     steps = pipe.settings.default_steps if steps is None else steps
     kwargs = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed, num_images_per_prompt=batch,
                   negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--negative-prompt", default=None, help="with --true-cfg-scale above 1: true classifier-free guidance")
     parser.add_argument("--true-cfg-scale", type=float, default=1.0, help="(two transformer passes a step; default 1: off)")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt (default 512 dev, 256 schnell)")
+    parser.add_argument("--text-encoder-dtype", choices=("int8",), default=None,
+                        help="int8: weight-only int8 T5 and CLIP (default: as stored)")
     parser.add_argument("--out", default="outputs", help="folder for the PNGs (default ./outputs)")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         paths, seconds = generate(args.model, args.prompt, out=args.out, steps=args.steps, guidance=args.guidance,
                                   height=args.height, width=args.width, seed=args.seed, batch=args.batch, dtype=args.dtype,
                                   negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
-                                  max_sequence_length=args.max_sequence_length)
+                                  max_sequence_length=args.max_sequence_length, text_encoder_dtype=args.text_encoder_dtype)
     print(f"{seconds:.3f} s/step")
     for path in paths:
         print(f"wrote {path}")

@@ -36,13 +36,15 @@ class FluxPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype=None, mesh=None) -> FluxPipeline:
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, dtype=None, mesh=None,
+                        text_encoder_dtype: str | None = None) -> FluxPipeline:
         """A diffusers pipeline folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
         tokenizer_2/, scheduler/), a hub id in the local Hugging Face cache, or our converted bundle.
-        Raises convert.CheckpointError naming a missing component."""
+        `text_encoder_dtype="int8"`: weight-only int8 text encoders (T5-XXL's 9.5 GB of bf16 weights in
+        about 4.9 GB; `flux_jax.text.int8`). Raises convert.CheckpointError naming a missing component."""
         from convert.pipeline_io import load_pipeline_components
 
-        return cls(**load_pipeline_components(path_or_id, dtype=dtype, mesh=mesh))
+        return cls(**load_pipeline_components(path_or_id, dtype=dtype, mesh=mesh, text_encoder_dtype=text_encoder_dtype))
 
     def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[jax.Array, jax.Array]:
         """(pooled CLIP vectors (B, 768), T5 token features (B, S, 4096)); S is `max_sequence_length`

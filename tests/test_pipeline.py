@@ -17,6 +17,7 @@ from flux_jax.sampling import SchedulerConfig, schedule
 from tests.pipeline_reference import diffusers_schedule, packed_noise, tiny_pipeline
 
 PROMPTS = ["a red fox in the snow", "a photo of a small blue cat"]
+INT8_IMAGE_TOLERANCE = 0.05  # max |int8 - full| over image values in [0, 1] (0.015 measured, mean 0.0015)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,23 @@ def test_prompt_embeddings_and_a_step_callback_that_reads_the_latents(reference)
         assert np.abs(a - b).max() < 2e-3 * np.abs(b).max()
     with pytest.raises(ValueError, match="give either prompt or both prompt_embeds and pooled_prompt_embeds"):
         ours(PROMPTS, prompt_embeds=embeds.numpy(), height=32, width=48)
+
+
+def test_int8_text_encoders_give_nearly_the_full_precision_images(reference):
+    from flax import nnx
+
+    from flux_jax.text.int8 import Int8Linear
+
+    folder = reference[1]
+    full, int8 = FluxPipeline.from_pretrained(folder), FluxPipeline.from_pretrained(folder, text_encoder_dtype="int8")
+    for encoder in (int8.text.clip, int8.text.t5):
+        linears = [m for _, m in nnx.iter_graph(encoder) if isinstance(m, Int8Linear | nnx.Linear)]
+        assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    latents = packed_noise(2, 32, 48)
+    images = [p(PROMPTS, height=32, width=48, steps=3, latents=latents, output_type="np") for p in (full, int8)]
+    assert 0 < np.abs(images[0] - images[1]).max() < INT8_IMAGE_TOLERANCE, np.abs(images[0] - images[1]).max()
+    with pytest.raises(ValueError, match="text_encoder_dtype must be None .* or 'int8', got 'int4'"):
+        FluxPipeline.from_pretrained(folder, text_encoder_dtype="int4")
 
 
 def link_components(folder, target, *, but: str):
@@ -231,8 +249,9 @@ def test_generate_cli_writes_pngs_and_reports_speed(reference, tmp_path, capsys)
     assert sorted(os.listdir(tmp_path / "out")) == ["7-0.png", "7-1.png"]
     assert Image.open(tmp_path / "out" / "7-0.png").size == (16, 32)
     main(["--model", str(reference[1]), "--prompt", "a red cat", "--steps", "2", "--height", "32", "--width", "16", "--seed", "7",
-          "--negative-prompt", "a blue dog", "--true-cfg-scale", "3", "--max-sequence-length", "16", "--out", str(tmp_path / "cfg")])
-    expected = FluxPipeline.from_pretrained(reference[1])("a red cat", steps=2, height=32, width=16, seed=7, negative_prompt="a blue dog",
+          "--negative-prompt", "a blue dog", "--true-cfg-scale", "3", "--max-sequence-length", "16", "--text-encoder-dtype", "int8",
+          "--out", str(tmp_path / "cfg")])
+    expected = FluxPipeline.from_pretrained(reference[1], text_encoder_dtype="int8")("a red cat", steps=2, height=32, width=16, seed=7, negative_prompt="a blue dog",
                                                          true_cfg_scale=3.0, max_sequence_length=16)[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cfg" / "7-0.png")), np.asarray(expected))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "cfg" / "7-0.png")), np.asarray(Image.open(tmp_path / "out" / "7-0.png")))
