@@ -85,6 +85,10 @@ def test_t5_loads_into_shards_on_a_mesh_and_computes_the_same(t5):
         expected = reference(torch.from_numpy(ids)).last_hidden_state.numpy()
     with jax.set_mesh(mesh):
         assert_close(np.asarray(sharded(ids)), expected)
+    from flux_jax.text.int8 import int8_text_encoder
+
+    wi = int8_text_encoder(sharded).encoder.block[0].layer[1].DenseReluDense.wi_0.kernel[...]
+    assert wi.dtype == np.int8 and wi.sharding.spec == PartitionSpec("fsdp", "tensor")  # int8 keeps the shards
 
 
 
