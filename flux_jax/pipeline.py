@@ -124,6 +124,7 @@ class FluxPipeline:
                 self.transformer, self.vae, latents, features, pooled, jnp.float32(guidance), negative,
                 jnp.float32(true_cfg_scale), height=h, width=w, steps=steps, scheduler=self.settings.scheduler,
                 sigmas=None if sigmas is None else tuple(float(s) for s in sigmas), report=bool(listeners),
+                latents_to_host=callback_on_step_end is not None,
                 decode=output_type != "latent"))
         if output_type in ("np", "latent"):
             return out
@@ -157,7 +158,7 @@ must be one function for all of them. One call at a time reports steps: calls fr
 would share these listeners."""
 
 
-def _report_step(step: int, sigma: float, latents: np.ndarray) -> None:
+def _report_step(step: int, sigma: float, latents: np.ndarray | None) -> None:
     for listener in _step_listeners:
         listener(step, sigma, latents)
 
@@ -172,7 +173,7 @@ def _listening(listeners: list[Callable[[int, float, np.ndarray], None]]):
 
 
 def _generate(transformer, vae, latents, features, pooled, guidance, negative, true_cfg_scale, *, height, width, steps,
-              scheduler, sigmas, report, decode):
+              scheduler, sigmas, report, latents_to_host, decode):
     """Denoise (one compiled loop) and, with `decode`, decode: packed noise -> images (B, H, W, 3) in [0, 1]
     (or the packed latents)."""
     dtype = jnp.dtype(transformer.config.dtype)
@@ -181,7 +182,7 @@ def _generate(transformer, vae, latents, features, pooled, guidance, negative, t
     x = sample_latents(transformer, latents.astype(dtype), features.astype(dtype), pooled.astype(dtype),
                        latent_height=height, latent_width=width, steps=steps, guidance=guidance, scheduler=scheduler,
                        sigmas=sigmas, negative=negative, true_cfg_scale=true_cfg_scale,
-                       callback=_report_step if report else None)
+                       callback=_report_step if report else None, callback_latents=latents_to_host)
     if not decode:
         return x.astype(jnp.float32)
     z = unpack_latents(x.astype(jnp.float32), height, width)
@@ -190,6 +191,7 @@ def _generate(transformer, vae, latents, features, pooled, guidance, negative, t
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
 
-_compiled_generate = nnx.jit(_generate, static_argnames=("height", "width", "steps", "scheduler", "sigmas", "report", "decode"))
+_compiled_generate = nnx.jit(_generate, static_argnames=("height", "width", "steps", "scheduler", "sigmas", "report",
+                                                         "latents_to_host", "decode"))
 """`_generate` compiled once per model structure and shape, shared by every `FluxPipeline`: a second
 pipeline with the same configs reuses the first one's compilation."""

@@ -120,12 +120,13 @@ def denoise(
     steps: int | jax.Array | None = None,
     negative: tuple[jax.Array, jax.Array] | None = None,
     true_cfg_scale: float | jax.Array = 1.0,
+    callback_latents: bool = True,
 ) -> jax.Array:
     """Euler integration of the flow from sigma_0 to sigma_n: x <- x + (sigma_{i+1} - sigma_i) * v(x, sigma_i).
 
     One `fori_loop` over the steps, so under jit the model is traced once whatever the step count.
-    `callback(i, sigma_i, x)` runs on the host after step i with the latents it made (progress bars,
-    previews). `steps` (may be traced) stops after that many steps, at sigma_steps, instead of at the
+    `callback(i, sigma_i, x)` runs on the host after step i with the latents it made (previews), or
+    with None for them when not `callback_latents` (progress bars: no copy of the latents to the host). `steps` (may be traced) stops after that many steps, at sigma_steps, instead of at the
     end. `negative` (its txt and y) turns on true classifier-free guidance, as diffusers' `true_cfg_scale`:
     v = v_negative + true_cfg_scale * (v - v_negative), two model passes a step.
     """
@@ -140,8 +141,9 @@ def denoise(
             v = v_negative + true_cfg_scale * (v - v_negative)
         x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(img.dtype)
         if callback is not None:
-            jax.debug.callback(lambda step, sigma, latents: callback(int(step), float(sigma), np.asarray(latents)), i,
-                               sigmas[i], x)
+            jax.debug.callback(lambda step, sigma, latents: callback(int(step), float(sigma),
+                                                                     np.asarray(latents) if callback_latents else None),
+                               i, sigmas[i], x if callback_latents else x[0, 0, 0])  # after the step either way
         return x
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1 if steps is None else steps, step, img)
@@ -161,7 +163,8 @@ def sample_latents(
     sigmas: tuple[float, ...] | None = None,
     negative: tuple[jax.Array, jax.Array] | None = None,
     true_cfg_scale: float | jax.Array = 1.0,
-    callback: Callable[[int, float, np.ndarray], None] | None = None,
+    callback: Callable[[int, float, np.ndarray | None], None] | None = None,
+    callback_latents: bool = True,
 ) -> jax.Array:
     """FLUX's text-to-latent sampler, the one every caller uses (the pipeline, the trainer's sample
     grids, its latent cache, the evaluation): packed noise (B, L, 4C) and encoded prompts (T5 features
@@ -179,8 +182,10 @@ def sample_latents(
         raise ValueError("a guidance-distilled model (guidance_embed) samples with a guidance scale; got none")
     g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,)) if guided else None
     return denoise(model, noise, image_ids(batch, latent_height, latent_width), txt, text_ids(batch, txt.shape[1]), y,
-                   levels, g, callback=callback, negative=negative, true_cfg_scale=true_cfg_scale)
+                   levels, g, callback=callback, negative=negative, true_cfg_scale=true_cfg_scale,
+                   callback_latents=callback_latents)
 
 
-sample = nnx.jit(sample_latents, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "sigmas", "callback"))
+sample = nnx.jit(sample_latents, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "sigmas", "callback",
+                                                 "callback_latents"))
 """`sample_latents` compiled (models as arguments): one cache of compiled samplers for every caller."""
