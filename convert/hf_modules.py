@@ -2,7 +2,7 @@
 
 The map from our parameter paths to PyTorch keys: a `kernel` is the PyTorch `weight`, transposed
 (Linear: (out, in) -> (in, out); Conv: (out, in, kh, kw) -> (kh, kw, in, out)); an Embed's `embedding`
-and a norm's `scale` are `weight`; `weight` and `bias` keep their names; a bare parameter `x` is
+and a norm's `scale` are `weight`; `weight`, `bias` and `weight_scale` (int8 layers) keep their names; a bare parameter `x` is
 `x.weight`. Tensors stream one at a time from safetensors (one file or sharded with an index).
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -31,7 +32,7 @@ def torch_key(path: tuple) -> tuple[str, bool]:
         return f"{prefix}.weight", True
     if leaf in ("embedding", "scale"):
         return f"{prefix}.weight", False
-    if leaf in ("weight", "bias"):
+    if leaf in ("weight", "bias", "weight_scale"):
         return ".".join(map(str, path)), False
     return f"{'.'.join(map(str, path))}.weight", False
 
@@ -67,3 +68,15 @@ def load_mirrored(folder: Path, model_fn: Callable[[], nnx.Module], *, mesh: Mes
         return value
 
     return fill(abstract, value_of, mesh=mesh)
+
+
+def save_mirrored(module: nnx.Module, path: Path) -> None:
+    """`module`'s weights as one safetensors file under the PyTorch keys `load_mirrored` reads back."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for leaf_path, var in nnx.to_flat_state(nnx.state(module)):
+        key, transpose = torch_key(leaf_path)
+        value = np.asarray(var[...])
+        tensors[key] = np.ascontiguousarray(value.transpose(np.argsort(_TO_FLAX[value.ndim])) if transpose else value)
+    save_file(tensors, str(path), metadata={"format": "pt"})

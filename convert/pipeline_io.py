@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from convert.loader import load_flux, locate
-from convert.text_encoders import load_clip_text_encoder, load_t5_encoder
+from convert.text_encoders import load_clip_text_encoder, load_t5_encoder, write_int8_text_encoder
 from convert.vae import load_vae
 from flux_jax.io.errors import CheckpointError
 from flux_jax.pipeline_settings import PipelineSettings
@@ -79,11 +79,19 @@ def _pipeline_root(path_or_id: str | os.PathLike, components: tuple[str, ...]) -
 
 
 TEXT_ENCODER_DTYPES = (None, "int8")
+TEXT_ENCODERS = {"text_encoder": load_clip_text_encoder, "text_encoder_2": load_t5_encoder}
+
+
+def check_text_encoder_dtype(text_encoder_dtype: str | None) -> None:
+    """Refuses an unknown `text_encoder_dtype` before any weight is read."""
+    if text_encoder_dtype not in TEXT_ENCODER_DTYPES:
+        raise ValueError(f"text_encoder_dtype must be None (as stored) or 'int8', got {text_encoder_dtype!r}")
 
 
 def _text_components(root: Path, *, dtype, mesh, text_encoder_dtype: str | None = None) -> dict:
     """CLIP, T5 and their tokenizers; with text_encoder_dtype "int8" the encoders' linear weights are
-    int8 (`flux_jax.text.int8`), their activations stay in `dtype`."""
+    int8 (`flux_jax.text.int8`), their activations stay in `dtype`. Encoders a bundle stores as int8
+    load as int8 whatever `text_encoder_dtype`."""
     clip = load_clip_text_encoder(root / "text_encoder", dtype=dtype, mesh=mesh)
     t5 = load_t5_encoder(root / "text_encoder_2", dtype=dtype, mesh=mesh)
     if text_encoder_dtype == "int8":
@@ -98,8 +106,7 @@ def _text_components(root: Path, *, dtype, mesh, text_encoder_dtype: str | None 
 
 def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=None,
                              text_encoder_dtype: str | None = None) -> dict:
-    if text_encoder_dtype not in TEXT_ENCODER_DTYPES:  # before any weight is read
-        raise ValueError(f"text_encoder_dtype must be None (as stored) or 'int8', got {text_encoder_dtype!r}")
+    check_text_encoder_dtype(text_encoder_dtype)
     root = _pipeline_root(path_or_id, COMPONENTS)
     scheduler = scheduler_config(root / "scheduler")  # a bad one is named before any weights are read
     transformer = load_flux(root / "transformer", dtype=dtype, mesh=mesh)
@@ -112,23 +119,33 @@ def load_pipeline_components(path_or_id: str | os.PathLike, *, dtype=None, mesh=
 
 
 def load_prompt_encoder(path_or_id: str | os.PathLike, *, max_sequence_length: int = 512, dtype=None,
-                        mesh=None) -> PromptEncoder:
+                        mesh=None, text_encoder_dtype: str | None = None) -> PromptEncoder:
     """The text half of a pipeline folder, hub id or bundle (text_encoder/, text_encoder_2/,
     tokenizer/, tokenizer_2/): what a distillation run encodes its prompts with."""
+    check_text_encoder_dtype(text_encoder_dtype)
     root = _pipeline_root(path_or_id, TEXT_COMPONENTS)
-    return PromptEncoder(**_text_components(root, dtype=dtype, mesh=mesh), max_sequence_length=max_sequence_length)
+    return PromptEncoder(**_text_components(root, dtype=dtype, mesh=mesh, text_encoder_dtype=text_encoder_dtype),
+                         max_sequence_length=max_sequence_length)
 
 
-def write_bundle(src: str | os.PathLike, directory: Path, *, dtype=None, progress: bool = False) -> None:
+def write_bundle(src: str | os.PathLike, directory: Path, *, dtype=None, progress: bool = False,
+                 text_encoder_dtype: str | None = None) -> None:
     """A pipeline folder as our bundle in `directory`: transformer/ converted to our checkpoint, the
-    other components (already readable without torch) copied as they are."""
+    other components (already readable without torch) copied as they are, except that with
+    `text_encoder_dtype="int8"` the text encoders are stored int8 (`write_int8_text_encoder`)."""
     from convert.orbax_io import write_flux
 
+    check_text_encoder_dtype(text_encoder_dtype)
     root = _pipeline_root(src, COMPONENTS)
     scheduler_config(root / "scheduler")  # refused now rather than when the bundle is loaded
     (directory / "transformer").mkdir()
     write_flux(load_flux(root / "transformer", dtype=dtype, progress=progress), directory / "transformer")
     for component in COMPONENTS[1:]:
-        shutil.copytree(root / component, directory / component)
+        if text_encoder_dtype == "int8" and component in TEXT_ENCODERS:
+            (directory / component).mkdir()
+            encoder = TEXT_ENCODERS[component](root / component, dtype=dtype)
+            write_int8_text_encoder(encoder, root / component, directory / component)
+        else:
+            shutil.copytree(root / component, directory / component)
     if (root / "model_index.json").is_file():
         shutil.copy(root / "model_index.json", directory / "model_index.json")

@@ -105,7 +105,7 @@ def test_an_int8_linear_layer_at_t5_xxl_width_is_within_one_percent():
     linear = nnx.Linear(4096, 1024, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((4, 4096)).astype(np.float32)
     quantized = Int8Linear(linear)
-    assert quantized.kernel[...].dtype == np.int8 and quantized.scale[...].shape == (1024,)
+    assert quantized.kernel[...].dtype == np.int8 and quantized.weight_scale[...].shape == (1024,)
     assert 1e-4 < _relative_error(quantized(x), linear(x)) < 0.01  # 0.48% measured
 
 

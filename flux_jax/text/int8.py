@@ -17,24 +17,25 @@ Encoder = TypeVar("Encoder", bound=nnx.Module)
 
 
 class Int8Linear(nnx.Module):
-    """An nnx.Linear's weights as int8 `kernel` (in, out) and float32 `scale` (out,)."""
+    """An nnx.Linear's weights as int8 `kernel` (in, out) and float32 `weight_scale` (out,)."""
 
     def __init__(self, linear: nnx.Linear):
         w = linear.kernel[...].astype(jnp.float32)
         scale = jnp.max(jnp.abs(w), axis=0) / 127.0
         self.kernel = nnx.Param(jnp.round(w / jnp.where(scale > 0, scale, 1.0)).astype(jnp.int8),
                                 **linear.kernel.get_metadata())
-        self.scale = nnx.Param(scale)
+        self.weight_scale = nnx.Param(scale)
         self.bias = linear.bias
         self.dtype = linear.dtype or linear.param_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = (x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)) * self.scale[...].astype(self.dtype)
+        y = (x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)) * self.weight_scale[...].astype(self.dtype)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 def int8_text_encoder(encoder: Encoder) -> Encoder:
-    """Every nnx.Linear of `encoder` replaced by its Int8Linear, in place; returns the encoder."""
+    """Every nnx.Linear of `encoder` replaced by its Int8Linear, in place; returns the encoder. Layers
+    already int8 are left as they are."""
     for path, linear in [(p, m) for p, m in nnx.iter_graph(encoder) if isinstance(m, nnx.Linear)]:
         parent = encoder
         for key in path[:-1]:
