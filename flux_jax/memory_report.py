@@ -4,6 +4,7 @@
     python -m flux_jax.memory_report --config flux-dev --target v5e-1    # the TPU compiler's figure
     python -m flux_jax.memory_report --config flux-dev                   # this machine's backend, by stage
     python -m flux_jax.memory_report --config flux-dev --json            # last line: one JSON object
+    python -m flux_jax.memory_report --pipeline --target v5e-1           # the whole text-to-image pipeline
 
 Storage comes from `ternary_report` (exact counts). With `--target` (see `flux_jax.targets`), the whole
 forward program is compiled for one chip of the target by the accelerator's own compiler, deviceless,
@@ -25,8 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flux_jax.config import PRESETS, FluxConfig
-from flux_jax.sharding import MESH_AXES
-from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices
+from flux_jax.pipeline_memory import PipelineShapes, pipeline_memory_report
+from flux_jax.targets import (TARGETS, Target, TargetError, abstract_state, get_target, headroom, one_chip_mesh,
+                              out_of_memory, total_bytes)
 from flux_jax.ternary import QuantPolicy, build, runtime_layout, ternary_report
 
 PAPER_STORAGE_RATIO = 7.7
@@ -44,12 +46,6 @@ def _stage_transient_bytes(module: nnx.Module, fn, *activations: jax.ShapeDtypeS
     state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
     stats = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)).lower(state, *activations).compile().memory_analysis()
     return total_bytes(stats) - _bytes(state)
-
-
-def total_bytes(stats) -> int:
-    """Arguments + outputs (less those aliased to donated arguments) + temporaries of a compiled program."""
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes)
 
 
 def forward_inputs(config: FluxConfig, batch: int, image_tokens: int, text_tokens: int, sharding=None):
@@ -93,19 +89,16 @@ def compiled_forward(config: FluxConfig, kind: str, policy: QuantPolicy | None, 
                      image_tokens: int = 4096, text_tokens: int = 512, batch: int = 1):
     """One forward pass, the whole program, compiled for one chip of `target` by its own compiler
     (deviceless: nothing allocated, no such chip needed). Returns the compiled executable."""
-    device = target_devices(target)[:1]
-    mesh = jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=device,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    mesh = one_chip_mesh(target)
     one_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh):
         # packed codes in the layout the loaders give on that platform (tiled: kernels read x as it is)
         layout = runtime_layout(target.platform)
         model = nnx.eval_shape(lambda: build(config, kind, policy, layout=layout, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one_chip), state)
+        graphdef = nnx.graphdef(model)
         inputs = forward_inputs(config, batch, image_tokens, text_tokens, one_chip)
         forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
-        return forward.lower(state, *inputs).compile()
+        return forward.lower(abstract_state(model, one_chip), *inputs).compile()
 
 
 def memory_report(config: FluxConfig, policy: QuantPolicy = QuantPolicy(), *, image_tokens: int = 4096,
@@ -142,20 +135,54 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:8.3f} GB"
 
 
+def _print_pipeline(r: dict, config: str, target: Target, as_json: bool) -> None:
+    print(f"text to image, {config} components, {r['height']}x{r['width']}, {r['steps']} steps, batch 1: encode, "
+          f"denoise, decode compiled as one program for one chip of {target.describe()}")
+    print(f"(the {target.platform.upper()} compiler's buffer assignment, deviceless: not a run; every weight resident)")
+    for v in r["variants"]:
+        weights = " + ".join(f"{name} {v[f'{name}_weight_bytes'] / 1e9:.2f}" for name in ("transformer", "t5", "clip", "vae"))
+        print(f"{v['variant']:24} weights {_gb(v['weight_bytes'])} ({weights})")
+        if v["peak_bytes"] is None:
+            print(f"{'':24} does not fit one chip; the compiler refused it: {v['refused']}")
+            continue
+        print(f"{'':24} peak    {_gb(v['peak_bytes'])}: {headroom(v['peak_bytes'], target)} in {target.hbm_bytes / 1e9:.1f} GB")
+        beyond = ", ".join(f"{s} {v[f'{s}_beyond_weights_bytes'] / 1e9:.3f}" for s in ("encode", "denoise", "decode"))
+        print(f"{'':24} beyond the weights, each stage alone (GB): {beyond}; the peak is in {v['peak_stage']}")
+    if as_json:
+        print(json.dumps(r))
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flux_jax.memory_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, choices=sorted(PRESETS), help="architecture preset")
+    parser.add_argument("--config", default="flux-dev", choices=sorted(PRESETS), help="architecture preset (flux-dev)")
     parser.add_argument("--target", metavar="NAME", help=f"compile for one chip of: {', '.join(TARGETS)}")
     parser.add_argument("--per-tensor", action="store_true", help="one scale per tensor instead of per output channel")
     parser.add_argument("--image-tokens", type=int, default=4096, help="4096 = a 1024x1024 image")
     parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--pipeline", action="store_true",
+                        help="the whole text-to-image pipeline (T5-XXL, CLIP, transformer, VAE) instead of one "
+                             "forward; needs --target")
+    parser.add_argument("--height", type=int, default=1024, help="with --pipeline: image height")
+    parser.add_argument("--width", type=int, default=1024, help="with --pipeline: image width")
+    parser.add_argument("--steps", type=int, default=28, help="with --pipeline: denoising steps")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of every figure")
     args = parser.parse_args(argv)
     if min(args.image_tokens, args.text_tokens) < 1:
         parser.error("--image-tokens and --text-tokens must be at least 1")
+    if args.pipeline and not args.target:
+        parser.error("--pipeline needs --target: the pipeline's figure comes from an accelerator's compiler")
+    if args.pipeline and (args.height % 16 or args.width % 16 or min(args.height, args.width, args.steps) < 1):
+        parser.error("--height and --width must be positive multiples of 16, --steps at least 1")
     try:
         target = get_target(args.target) if args.target else None
+        if args.pipeline:
+            shapes = PipelineShapes(transformer=FluxConfig.preset(args.config), height=args.height, width=args.width,
+                                    steps=args.steps)
+            _print_pipeline(pipeline_memory_report(target, shapes, policy=QuantPolicy(per_channel=not args.per_tensor)),
+                            args.config, target, args.json)
+            return
         r = memory_report(FluxConfig.preset(args.config), QuantPolicy(per_channel=not args.per_tensor),
                           image_tokens=args.image_tokens, text_tokens=args.text_tokens, target=target)
     except TargetError as err:

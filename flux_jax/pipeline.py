@@ -172,10 +172,17 @@ def _listening(listeners: list[Callable[[int, float, np.ndarray], None]]):
         _step_listeners.clear()
 
 
-def _generate(transformer, vae, latents, features, pooled, guidance, negative, true_cfg_scale, *, height, width, steps,
-              scheduler, sigmas, report, latents_to_host, decode):
+def decode_latents(vae: AutoencoderKL, packed: jax.Array, latent_height: int, latent_width: int) -> jax.Array:
+    """Packed latents (B, L, 4C) -> images (B, H, W, 3) in [0, 1]: the pipeline's last stage."""
+    z = unpack_latents(packed.astype(jnp.float32), latent_height, latent_width)
+    z = z / vae.config.scaling_factor + vae.config.shift_factor
+    return jnp.clip(vae.decode(jnp.transpose(z, (0, 2, 3, 1))) / 2 + 0.5, 0.0, 1.0)
+
+
+def denoise_and_decode(transformer, vae, latents, features, pooled, guidance, negative, true_cfg_scale, *, height, width,
+                       steps, scheduler, sigmas, report, latents_to_host, decode):
     """Denoise (one compiled loop) and, with `decode`, decode: packed noise -> images (B, H, W, 3) in [0, 1]
-    (or the packed latents)."""
+    (or the packed latents). What a pipeline call runs after encoding its prompts."""
     dtype = jnp.dtype(transformer.config.dtype)
     if negative is not None:
         negative = tuple(e.astype(dtype) for e in negative)
@@ -183,15 +190,10 @@ def _generate(transformer, vae, latents, features, pooled, guidance, negative, t
                        latent_height=height, latent_width=width, steps=steps, guidance=guidance, scheduler=scheduler,
                        sigmas=sigmas, negative=negative, true_cfg_scale=true_cfg_scale,
                        callback=_report_step if report else None, callback_latents=latents_to_host)
-    if not decode:
-        return x.astype(jnp.float32)
-    z = unpack_latents(x.astype(jnp.float32), height, width)
-    z = z / vae.config.scaling_factor + vae.config.shift_factor
-    images = vae.decode(jnp.transpose(z, (0, 2, 3, 1)))
-    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+    return decode_latents(vae, x, height, width) if decode else x.astype(jnp.float32)
 
 
-_compiled_generate = nnx.jit(_generate, static_argnames=("height", "width", "steps", "scheduler", "sigmas", "report",
+_compiled_generate = nnx.jit(denoise_and_decode, static_argnames=("height", "width", "steps", "scheduler", "sigmas", "report",
                                                          "latents_to_host", "decode"))
-"""`_generate` compiled once per model structure and shape, shared by every `FluxPipeline`: a second
+"""`denoise_and_decode` compiled once per model structure and shape, shared by every `FluxPipeline`: a second
 pipeline with the same configs reuses the first one's compilation."""

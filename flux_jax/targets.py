@@ -19,9 +19,12 @@ import importlib.util
 import re
 from pathlib import Path
 
+import jax
+from flax import nnx
 from jax.experimental import topologies
 
 from flux_jax.io.errors import UserError
+from flux_jax.sharding import MESH_AXES
 
 SPECS = Path(__file__).parent / "target_specs"
 
@@ -123,3 +126,20 @@ def headroom(used_bytes: int, target: Target) -> str:
     if free >= 0:
         return f"fits with {100 * free / target.hbm_bytes:.0f}% headroom"
     return f"does not fit by {-free / 1e9:.2f} GB"
+
+
+def one_chip_mesh(target: Target) -> jax.sharding.Mesh:
+    """A mesh of one compile-only chip of `target` (every axis of size 1)."""
+    return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=target_devices(target)[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def abstract_state(module: nnx.Module, sharding=None):
+    """`module`'s state as ShapeDtypeStructs (placed by `sharding`): what a compile needs of its weights."""
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), nnx.state(module))
+
+
+def total_bytes(stats) -> int:
+    """Arguments + outputs (less those aliased to donated arguments) + temporaries of a compiled program."""
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)

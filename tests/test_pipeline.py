@@ -123,6 +123,40 @@ def test_int8_text_encoders_give_nearly_the_full_precision_images(reference):
         FluxPipeline.from_pretrained(folder, text_encoder_dtype="int4")
 
 
+def test_a_bundle_stores_the_text_encoders_int8(reference, tmp_path):
+    """--text-encoder-dtype int8: the bundle's encoders hold int8 weights and their scales (a quarter of
+    the float32 bytes of each linear weight), load as int8 without asking and give exactly the images of
+    int8 made at load time; a foreign quantization_config is refused by name."""
+    from convert.pipeline_io import load_prompt_encoder
+    from convert.text_encoders import INT8_METHOD
+    from convert.torch_to_flax import main as convert_main
+    from safetensors import safe_open
+
+    folder = reference[1]
+    convert_main([str(folder), str(tmp_path / "bundle"), "--pipeline", "--text-encoder-dtype", "int8", "--no-progress"])
+    for component, weight in (("text_encoder", "text_model.encoder.layers.0.mlp.fc1.weight"),
+                              ("text_encoder_2", "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")):
+        config = json.loads((tmp_path / "bundle" / component / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == INT8_METHOD
+        original = json.loads((folder / component / "config.json").read_text())
+        assert {k: v for k, v in config.items() if k != "quantization_config"} == original
+        with safe_open(str(tmp_path / "bundle" / component / "model.safetensors"), "numpy") as stored:
+            key = weight.removeprefix("text_model.")
+            assert stored.get_tensor(key).dtype == np.int8
+            assert stored.get_tensor(key.replace(".weight", ".weight_scale")).dtype == np.float32
+    stored, made = FluxPipeline.from_pretrained(tmp_path / "bundle"), FluxPipeline.from_pretrained(folder, text_encoder_dtype="int8")
+    latents = packed_noise(2, 32, 48)
+    np.testing.assert_array_equal(stored(PROMPTS, height=32, width=48, steps=2, latents=latents, output_type="np"),
+                                  made(PROMPTS, height=32, width=48, steps=2, latents=latents, output_type="np"))
+    trainer_encoder = load_prompt_encoder(folder, max_sequence_length=16, text_encoder_dtype="int8")  # the trainer's
+    for got, expected in zip(trainer_encoder(PROMPTS), made.encode_prompts(PROMPTS, 16)):
+        np.testing.assert_array_equal(got, expected)
+    config_json = tmp_path / "bundle" / "text_encoder_2" / "config.json"
+    config_json.write_text(config_json.read_text().replace(INT8_METHOD, "bitsandbytes"))
+    with pytest.raises(CheckpointError, match="text_encoder_2/config.json: not a usable config .*'bitsandbytes'.* is not ours"):
+        FluxPipeline.from_pretrained(tmp_path / "bundle")
+
+
 def link_components(folder, target, *, but: str):
     """`folder`'s components but one, linked into `target`."""
     target.mkdir(exist_ok=True)
@@ -188,12 +222,12 @@ def test_two_pipelines_share_one_compiled_generate(reference, caplog):
     caplog.set_level(logging.WARNING)
     with jax.log_compiles():
         image = first("a red fox", height=16, width=16, steps=1, output_type="np")
-        assert xla_compilations(caplog, "_generate") <= 1  # none if an earlier test compiled this shape
+        assert xla_compilations(caplog, "denoise_and_decode") <= 1  # none if an earlier test compiled this shape
         jax.jit(lambda x: x + 1)(np.float32(0))
         assert xla_compilations(caplog, "<lambda>") == 1  # the log names what it compiles
         caplog.clear()
         again = second("a red fox", height=16, width=16, steps=1, output_type="np")
-        assert xla_compilations(caplog, "_generate") == 0
+        assert xla_compilations(caplog, "denoise_and_decode") == 0
     np.testing.assert_array_equal(image, again)
 
 

@@ -33,9 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flux_jax.config import PRESETS as FLUX_PRESETS
 from flux_jax.config import FluxConfig
-from flux_jax.memory_report import total_bytes
 from flux_jax.model import Flux
-from flux_jax.targets import TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices
+from flux_jax.targets import (TARGETS, Target, TargetError, get_target, headroom, out_of_memory, target_devices,
+                              total_bytes)
 from flux_jax.ternary import QuantPolicy, build
 from train.config import PRESETS, DistillConfig, MeshConfig
 from train.data import expected_sampler_forwards

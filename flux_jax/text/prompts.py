@@ -27,7 +27,8 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int, name: str) -> n
 
 
 @nnx.jit
-def _encode(clip: CLIPTextEncoder, t5: T5Encoder, clip_ids: jax.Array, t5_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def encode_tokens(clip: CLIPTextEncoder, t5: T5Encoder, clip_ids: jax.Array, t5_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Token ids -> (pooled CLIP vectors, T5 features): the pipeline's compiled text stage."""
     return clip(clip_ids)[1], t5(t5_ids)
 
 
@@ -49,4 +50,4 @@ class PromptEncoder:
         clip_length = min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings)
         clip_ids = tokenize(self.clip_tokenizer, prompts, clip_length, "CLIP")
         t5_ids = tokenize(self.t5_tokenizer, prompts, max_sequence_length or self.max_sequence_length, "T5")
-        return _encode(self.clip, self.t5, clip_ids, t5_ids)
+        return encode_tokens(self.clip, self.t5, clip_ids, t5_ids)
