@@ -186,6 +186,8 @@ def sample_latents(
                    callback_latents=callback_latents)
 
 
-sample = nnx.jit(sample_latents, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "sigmas", "callback",
+sample = nnx.jit(sample_latents, graph_updates=False, static_argnames=("latent_height", "latent_width", "steps", "scheduler", "sigmas", "callback",
                                                  "callback_latents"))
-"""`sample_latents` compiled (models as arguments): one cache of compiled samplers for every caller."""
+"""`sample_latents` compiled (models as arguments): one cache of compiled samplers for every caller.
+Without graph_updates a model is only read: by default nnx.jit returns every weight of its module
+arguments as outputs, which copied the model on each call."""

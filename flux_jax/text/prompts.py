@@ -26,7 +26,7 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int, name: str) -> n
     return np.asarray(out["input_ids"], np.int32)
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)  # the encoders are only read: no copy of their weights as outputs
 def encode_tokens(clip: CLIPTextEncoder, t5: T5Encoder, clip_ids: jax.Array, t5_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Token ids -> (pooled CLIP vectors, T5 features): the pipeline's compiled text stage."""
     return clip(clip_ids)[1], t5(t5_ids)
