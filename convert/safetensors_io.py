@@ -84,7 +84,10 @@ class SafetensorsFiles:
         """Tensor `key`, or only its region `index` (slices with concrete bounds, step 1; reads just
         those bytes)."""
         try:
-            handle = self._handles[self._where[key]]
+            # A handle of its own, dropped after the read: pages of the memory-mapped file that a read
+            # touched count in the process's resident memory for as long as a handle maps them, which
+            # over a whole checkpoint added its file size to the loader's peak.
+            handle = _open(self._where[key])
             if index is None or index == whole(self.shape(key)):
                 return handle.get_tensor(key)
             return handle.get_slice(key)[index]
