@@ -7,7 +7,7 @@ import pytest
 
 from flux_jax import FluxConfig
 from flux_jax.memory_report import main
-from flux_jax.pipeline_memory import PipelineShapes, pipeline_memory_report
+from flux_jax.pipeline_memory import VARIANTS, PipelineShapes, pipeline_memory_report
 from flux_jax.targets import get_target
 from flux_jax.text.clip import CLIPTextEncoderConfig
 from flux_jax.text.t5 import T5EncoderConfig
@@ -34,14 +34,14 @@ def t5_int8_bytes(c: T5EncoderConfig) -> int:
 
 @pytest.fixture(scope="module")
 def report():
-    return pipeline_memory_report(get_target("v5e-1"), SHAPES)
+    """bf16 everything and packed + int8 encoders (packed + bf16 encoders is refused as bf16 is, here)."""
+    return pipeline_memory_report(get_target("v5e-1"), SHAPES, variants=(VARIANTS[0], VARIANTS[2]))
 
 
 def test_only_int8_encoders_fit_and_every_weight_counts(report):
-    bf16, packed_bf16, packed_int8 = report["variants"]
-    for refused in (bf16, packed_bf16):
-        assert refused["peak_bytes"] is None and "RESOURCE_EXHAUSTED" in refused["refused"]
-        assert refused["t5_weight_bytes"] > 17e9
+    bf16, packed_int8 = report["variants"]
+    assert bf16["peak_bytes"] is None and "RESOURCE_EXHAUSTED" in bf16["refused"]
+    assert bf16["t5_weight_bytes"] > 17e9
     assert packed_int8["t5_weight_bytes"] == t5_int8_bytes(T5)
     vae_params = sum(np.prod(leaf.shape) for leaf in _vae_leaves())  # the encoder half too: a loaded pipeline holds it
     assert packed_int8["vae_weight_bytes"] == 2 * vae_params
@@ -66,8 +66,8 @@ def test_the_cli_prints_each_variant_beside_the_chip(report, monkeypatch, capsys
     main(["--pipeline", "--target", "v5e-1", "--json"])
     out = capsys.readouterr().out
     assert "compiled as one program for one chip of v5e-1: 1 x TPU v5e, 16.0 GB" in out
-    assert out.count("does not fit one chip; the compiler refused it: RESOURCE_EXHAUSTED") == 2
-    assert "fits with" in out and f"the peak is in {report['variants'][2]['peak_stage']}" in out
+    assert out.count("does not fit one chip; the compiler refused it: RESOURCE_EXHAUSTED") == 1
+    assert "fits with" in out and f"the peak is in {report['variants'][1]['peak_stage']}" in out
     assert '"variant": "packed + int8 encoders"' in out.splitlines()[-1]
 
 
@@ -79,22 +79,3 @@ def test_bad_pipeline_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
-
-
-def test_decoding_1024x1024_fits_its_measured_temporaries_on_tpu():
-    """FLUX's autoencoder decoding 1024x1024 as the pipeline calls it, compiled for v5e: 1.364 GB of
-    temporaries since upsampling is one broadcast (1.905 GB with two jnp.repeat calls)."""
-    import jax
-    from flax import nnx
-
-    from flux_jax.targets import abstract_state, one_chip_mesh
-    from flux_jax.vae import AutoencoderKL
-
-    mesh = one_chip_mesh(get_target("v5e-1"))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    with jax.set_mesh(mesh):
-        vae = nnx.eval_shape(lambda: AutoencoderKL(AutoencoderConfig(), rngs=nnx.Rngs(0)))
-        z = jax.ShapeDtypeStruct((1, 128, 128, 16), jnp.float32, sharding=sharding)
-        decode = jax.jit(lambda s, z: nnx.merge(nnx.graphdef(vae), s).decode(z))
-        temp = decode.lower(abstract_state(vae, sharding), z).compile().memory_analysis().temp_size_in_bytes
-    assert 1.0e9 < temp < 1.5e9, temp
