@@ -28,24 +28,19 @@ from flax import nnx
 from flux_jax.config import PRESETS, FluxConfig
 from flux_jax.pipeline_memory import PipelineShapes, pipeline_memory_report
 from flux_jax.targets import (TARGETS, Target, TargetError, abstract_state, get_target, headroom, one_chip_mesh,
-                              out_of_memory, total_bytes)
+                              out_of_memory, total_bytes, tree_bytes)
 from flux_jax.ternary import QuantPolicy, build, runtime_layout, ternary_report
 
 PAPER_STORAGE_RATIO = 7.7
 PAPER_MEMORY_RATIO = 5.1
 
 
-def _bytes(tree) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def _stage_transient_bytes(module: nnx.Module, fn, *activations: jax.ShapeDtypeStruct) -> int:
     """Bytes one stage needs beyond its weights: activations in, activations out, temporaries,
     from XLA's buffer assignment of that stage compiled alone."""
-    graphdef, state = nnx.split(module)
-    state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
+    graphdef, state = nnx.graphdef(module), abstract_state(module)
     stats = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)).lower(state, *activations).compile().memory_analysis()
-    return total_bytes(stats) - _bytes(state)
+    return total_bytes(stats) - tree_bytes(state)
 
 
 def forward_inputs(config: FluxConfig, batch: int, image_tokens: int, text_tokens: int, sharding=None):
@@ -82,7 +77,7 @@ def peak_forward_bytes(config: FluxConfig, kind: str, policy: QuantPolicy | None
     if config.depth_single_blocks:
         transients.append(_stage_transient_bytes(
             model.single_blocks[0], lambda b, x, v, p: b(x, v, p), sds((batch, length, h), dt), vec, pe))
-    return _bytes(nnx.state(model)) + max(transients)
+    return tree_bytes(nnx.state(model)) + max(transients)
 
 
 def compiled_forward(config: FluxConfig, kind: str, policy: QuantPolicy | None, target: Target, *,

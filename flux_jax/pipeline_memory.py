@@ -18,7 +18,7 @@ from flax import nnx
 from flux_jax.config import FluxConfig
 from flux_jax.pipeline import decode_latents, denoise_and_decode
 from flux_jax.sampling import SchedulerConfig, sample_latents
-from flux_jax.targets import Target, abstract_state, one_chip_mesh, out_of_memory, total_bytes
+from flux_jax.targets import Target, abstract_state, one_chip_mesh, out_of_memory, total_bytes, tree_bytes
 from flux_jax.ternary import QuantPolicy, build, runtime_layout
 from flux_jax.text import CLIPTextEncoder, T5Encoder
 from flux_jax.text.clip import CLIPTextEncoderConfig
@@ -121,7 +121,7 @@ def _compile(modules: list[nnx.Module], fn, inputs, sharding):
 
 
 def _weight_bytes(modules) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for m in modules for x in jax.tree.leaves(nnx.state(m)))
+    return sum(tree_bytes(nnx.state(m)) for m in modules)
 
 
 def pipeline_memory_report(target: Target, shapes: PipelineShapes = PipelineShapes(), *,

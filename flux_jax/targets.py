@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
 
@@ -137,6 +138,11 @@ def one_chip_mesh(target: Target) -> jax.sharding.Mesh:
 def abstract_state(module: nnx.Module, sharding=None):
     """`module`'s state as ShapeDtypeStructs (placed by `sharding`): what a compile needs of its weights."""
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), nnx.state(module))
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) in `tree`."""
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def total_bytes(stats) -> int:
