@@ -27,7 +27,7 @@ from flax import nnx
 
 from flux_jax.config import PRESETS, FluxConfig
 from flux_jax.pipeline_memory import PipelineShapes, pipeline_memory_report
-from flux_jax.targets import (TARGETS, Target, TargetError, abstract_state, get_target, headroom, one_chip_mesh,
+from flux_jax.targets import (TARGETS, Target, TargetError, compile_abstract, get_target, headroom, one_chip_mesh,
                               out_of_memory, total_bytes, tree_bytes)
 from flux_jax.ternary import QuantPolicy, build, runtime_layout, ternary_report
 
@@ -38,9 +38,8 @@ PAPER_MEMORY_RATIO = 5.1
 def _stage_transient_bytes(module: nnx.Module, fn, *activations: jax.ShapeDtypeStruct) -> int:
     """Bytes one stage needs beyond its weights: activations in, activations out, temporaries,
     from XLA's buffer assignment of that stage compiled alone."""
-    graphdef, state = nnx.graphdef(module), abstract_state(module)
-    stats = jax.jit(lambda s, *a: fn(nnx.merge(graphdef, s), *a)).lower(state, *activations).compile().memory_analysis()
-    return total_bytes(stats) - tree_bytes(state)
+    stats = compile_abstract([module], fn, activations).memory_analysis()
+    return total_bytes(stats) - tree_bytes(nnx.state(module))
 
 
 def forward_inputs(config: FluxConfig, batch: int, image_tokens: int, text_tokens: int, sharding=None):
@@ -90,10 +89,8 @@ def compiled_forward(config: FluxConfig, kind: str, policy: QuantPolicy | None, 
         # packed codes in the layout the loaders give on that platform (tiled: kernels read x as it is)
         layout = runtime_layout(target.platform)
         model = nnx.eval_shape(lambda: build(config, kind, policy, layout=layout, rngs=nnx.Rngs(0)))
-        graphdef = nnx.graphdef(model)
         inputs = forward_inputs(config, batch, image_tokens, text_tokens, one_chip)
-        forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
-        return forward.lower(abstract_state(model, one_chip), *inputs).compile()
+        return compile_abstract([model], lambda m, *a: m(*a), inputs, one_chip)
 
 
 def memory_report(config: FluxConfig, policy: QuantPolicy = QuantPolicy(), *, image_tokens: int = 4096,

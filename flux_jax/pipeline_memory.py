@@ -18,7 +18,7 @@ from flax import nnx
 from flux_jax.config import FluxConfig
 from flux_jax.pipeline import decode_latents, denoise_and_decode
 from flux_jax.sampling import SchedulerConfig, sample_latents
-from flux_jax.targets import Target, abstract_state, one_chip_mesh, out_of_memory, total_bytes, tree_bytes
+from flux_jax.targets import Target, compile_abstract, one_chip_mesh, out_of_memory, total_bytes, tree_bytes
 from flux_jax.ternary import QuantPolicy, build, runtime_layout
 from flux_jax.text import CLIPTextEncoder, T5Encoder
 from flux_jax.text.clip import CLIPTextEncoderConfig
@@ -108,18 +108,6 @@ def _stages(shapes: PipelineShapes, sds) -> dict:
     }
 
 
-def _compile(modules: list[nnx.Module], fn, inputs, sharding):
-    """`fn(*modules, *inputs)` compiled for the mesh in context; every weight is an argument, used or not
-    (the decoder never reads the VAE's encoder, yet a loaded pipeline holds it)."""
-    graphdefs = [nnx.graphdef(m) for m in modules]
-
-    def program(states, *args):
-        return fn(*[nnx.merge(g, s) for g, s in zip(graphdefs, states)], *args)
-
-    states = [abstract_state(m, sharding) for m in modules]
-    return jax.jit(program, keep_unused=True).lower(states, *inputs).compile()
-
-
 def _weight_bytes(modules) -> int:
     return sum(tree_bytes(nnx.state(m)) for m in modules)
 
@@ -142,7 +130,7 @@ def pipeline_memory_report(target: Target, shapes: PipelineShapes = PipelineShap
                      **{f"{name}_weight_bytes": _weight_bytes([m]) for name, m in components.items()}}
             names, fn, inputs = stages["whole"]
             try:
-                stats = _compile([components[n] for n in names], fn, inputs, one_chip).memory_analysis()
+                stats = compile_abstract([components[n] for n in names], fn, inputs, one_chip).memory_analysis()
             except jax.errors.JaxRuntimeError as err:
                 if out_of_memory(err) is None:
                     raise
@@ -154,7 +142,7 @@ def pipeline_memory_report(target: Target, shapes: PipelineShapes = PipelineShap
                 key = (stage, variant.transformer if stage == "denoise" else variant.text_encoders if stage == "encode" else "")
                 if key not in stage_cache:
                     modules = [components[n] for n in names]
-                    stage_stats = _compile(modules, fn, inputs, one_chip).memory_analysis()
+                    stage_stats = compile_abstract(modules, fn, inputs, one_chip).memory_analysis()
                     stage_cache[key] = total_bytes(stage_stats) - _weight_bytes(modules)
                 entry[f"{stage}_beyond_weights_bytes"] = stage_cache[key]
             entry["peak_stage"] = max(("encode", "denoise", "decode"), key=lambda s: entry[f"{s}_beyond_weights_bytes"])

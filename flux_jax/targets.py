@@ -140,6 +140,18 @@ def abstract_state(module: nnx.Module, sharding=None):
     return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), nnx.state(module))
 
 
+def compile_abstract(modules: list[nnx.Module], fn, inputs, sharding=None):
+    """`fn(*modules, *inputs)` compiled for the backend or mesh in context from abstract modules (shapes
+    only: nothing is allocated); every weight is an argument, used or not, as in a loaded model."""
+    graphdefs = [nnx.graphdef(m) for m in modules]
+
+    def program(states, *args):
+        return fn(*[nnx.merge(g, s) for g, s in zip(graphdefs, states)], *args)
+
+    states = [abstract_state(m, sharding) for m in modules]
+    return jax.jit(program, keep_unused=True).lower(states, *inputs).compile()
+
+
 def tree_bytes(tree) -> int:
     """Bytes of every array (or ShapeDtypeStruct) in `tree`."""
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

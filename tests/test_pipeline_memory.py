@@ -1,7 +1,6 @@
 """The whole pipeline's memory from the TPU compiler (deviceless), on small components whose text
 encoder is made large enough that only its int8 form fits one 16 GB v5e chip."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
