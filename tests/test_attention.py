@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flux_jax.attention import QUERY_CHUNK, dot_product_attention
+from flux_jax import attention as attention_module
+from flux_jax.attention import dot_product_attention
 from flux_jax.layers import attention, rope
 from tests import helpers
 
@@ -32,19 +33,27 @@ def assert_close(out, expected, dtype):
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=tol * np.abs(expected).max(), rtol=tol)
 
 
-# 40 and 200: padded to whole 128-blocks inside splash (padded keys in their own segment); 256: none;
-# 2 * QUERY_CHUNK + 8: several XLA chunks, the last one partial.
-@pytest.mark.parametrize("length", [40, 200, 256, 2 * QUERY_CHUNK + 8])
+# 40 and 200: padded to whole 128-blocks inside splash (padded keys in their own segment); 256: none.
+# For XLA the logits' budget is made small: 40 and 256 run whole, 200 in two query blocks of 100, 1030
+# in three of 344 (two padded rows).
+@pytest.mark.parametrize("length", [40, 200, 256, 1030])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("implementation", ["xla", "splash"])
-def test_attention_matches_numpy(implementation, dtype, length):
+def test_attention_matches_numpy(implementation, dtype, length, monkeypatch):
+    rows = {40: 40, 200: 100, 256: 256, 1030: 400}[length]
+    monkeypatch.setattr(attention_module, "LOGITS_BLOCK_BYTES", 2 * 3 * rows * length * 4)
     q, k, v = operands(length, dtype)
+    if implementation == "xla":
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, implementation="xla"))(q, k, v))
+        assert ("scan" in jaxpr) == (rows < length)
     out = dot_product_attention(q, k, v, implementation=implementation, interpret=True)
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, reference(q, k, v), dtype)
 
 
-def test_splash_gradients_equal_the_xla_gradients():
+@pytest.mark.parametrize("xla_rows", [200, 100], ids=["xla-whole", "xla-blocks"])
+def test_splash_gradients_equal_the_xla_gradients(xla_rows, monkeypatch):
+    monkeypatch.setattr(attention_module, "LOGITS_BLOCK_BYTES", 2 * 3 * xla_rows * 200 * 4)
     q, k, v = operands(200, jnp.float32)
 
     def grads(implementation):
