@@ -21,6 +21,7 @@ from flux_jax.io.errors import CheckpointError
 from flux_jax.pipeline_settings import PipelineSettings
 from flux_jax.sampling import SchedulerConfig
 from flux_jax.text import PromptEncoder
+from flux_jax.text.fast_tokenizer import load_tokenizer
 from flux_jax.text.int8 import int8_text_encoder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -35,6 +36,15 @@ UNSUPPORTED_SCHEDULER_SETTINGS = {
 
 
 def _tokenizer(folder: Path):
+    """The folder's tokenizer through the `tokenizers` library (`load_tokenizer`: no transformers, so no
+    PyTorch import); transformers' AutoTokenizer only for folders without tokenizer.json or CLIP's
+    vocab.json and merges.txt (a sentencepiece-only T5 folder)."""
+    try:
+        return load_tokenizer(folder)
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # (tokenizers raises a bare Exception for a malformed tokenizer.json)
+        raise CheckpointError(f"{folder}: not a usable tokenizer ({err})") from None
     from transformers import AutoTokenizer
 
     try:

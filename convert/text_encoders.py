@@ -1,7 +1,9 @@
 """Hugging Face text-encoder folders (`text_encoder/` CLIP, `text_encoder_2/` T5) into our NNX encoders,
 and our encoders back into such folders with int8 weights.
 
-Configs are read with transformers' config classes; tensors are streamed by `load_mirrored`. An int8
+Configs are read from config.json with transformers' defaults for the keys a folder leaves out (not
+through transformers, which imports PyTorch where it is installed: 0.45 GB of the pipeline's memory);
+tensors are streamed by `load_mirrored`. An int8
 folder (`write_int8_text_encoder`) keeps Hugging Face's layout and key names, with int8 `weight`s, a
 float32 `weight_scale` per output channel beside each, and a `quantization_config` in config.json
 naming our method (`INT8_METHOD`) and the compute dtype; transformers cannot load it, our loaders can.
@@ -26,23 +28,36 @@ INT8_METHOD = "flux_jax_int8"
 """config.json's quantization_config.quant_method of our int8 text encoder folders."""
 
 
-def _config(folder: Path, config_class: str, model_types: tuple[str, ...]):
-    """(transformers' config, our int8 quantization_config or None) of a text encoder folder."""
-    import transformers
+# transformers' defaults (T5Config, CLIPTextConfig) for the keys our loaders read.
+T5_DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
+               "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+               "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu"}
+CLIP_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                 "num_attention_heads": 8, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
+                 "eos_token_id": 49407, "hidden_act": "quick_gelu"}
 
+
+def _config(folder: Path, defaults: dict, model_types: tuple[str, ...]) -> tuple[dict, dict | None]:
+    """(config.json over `defaults`, our int8 quantization_config or None) of a text encoder folder."""
     config_json = folder / "config.json"
     if not config_json.is_file():
         raise CheckpointError(f"{folder}: no config.json (expected a {model_types[0]} text encoder folder)")
     try:
         raw = json.loads(config_json.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
         model_type = raw.get("model_type")
         if model_type not in model_types:
             raise ValueError(f"it describes a {model_type!r} model, not {' or '.join(map(repr, model_types))}")
         quantization = raw.get("quantization_config")
         if quantization is not None and (not isinstance(quantization, dict) or quantization.get("quant_method") != INT8_METHOD):
             raise ValueError(f"quantization_config {quantization!r} is not ours ({INT8_METHOD!r})")
-        return getattr(transformers, config_class).from_pretrained(str(folder)), quantization
-    except (OSError, ValueError, TypeError, AttributeError) as err:
+        config = {key: raw[key] if raw.get(key) is not None else default for key, default in defaults.items()}
+        for key, default in defaults.items():
+            if not isinstance(config[key], type(default)) and not (isinstance(default, float) and isinstance(config[key], int)):
+                raise ValueError(f"{key}={config[key]!r} is not a {type(default).__name__}")
+        return config, quantization
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{config_json}: not a usable config ({err})") from None
 
 
@@ -60,15 +75,14 @@ def _encoder_fn(build: Callable[[], nnx.Module], quantization: dict | None) -> C
 def load_t5_encoder(folder: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> T5Encoder:
     """A T5EncoderModel folder (FLUX's `text_encoder_2/`) as our T5Encoder."""
     folder = Path(folder)
-    hf, quantization = _config(folder, "T5Config", ("t5", "umt5"))
-    if not hf.is_gated_act or hf.dense_act_fn not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"{folder}: only T5 v1.1 (gated-GELU) encoders are supported, got {hf.feed_forward_proj}")
+    hf, quantization = _config(folder, T5_DEFAULTS, ("t5", "umt5"))
+    # transformers' reading of feed_forward_proj: "gated-gelu" is the tanh GELU, gated
+    gated, _, act = hf["feed_forward_proj"].rpartition("-")
+    if gated != "gated" or act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{folder}: only T5 v1.1 (gated-GELU) encoders are supported, got {hf['feed_forward_proj']}")
     name = _compute_dtype(folder, quantization, dtype)
     config = T5EncoderConfig(
-        vocab_size=hf.vocab_size, d_model=hf.d_model, d_kv=hf.d_kv, d_ff=hf.d_ff, num_layers=hf.num_layers,
-        num_heads=hf.num_heads, relative_attention_num_buckets=hf.relative_attention_num_buckets,
-        relative_attention_max_distance=hf.relative_attention_max_distance, layer_norm_epsilon=hf.layer_norm_epsilon,
-        param_dtype=name, dtype=name,
+        **{key: hf[key] for key in T5_DEFAULTS if key != "feed_forward_proj"}, param_dtype=name, dtype=name,
     )
     # T5 checkpoints also hold encoder.embed_tokens, a tied copy of `shared`.
     return load_mirrored(folder, _encoder_fn(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), quantization), mesh=mesh,
@@ -78,14 +92,9 @@ def load_t5_encoder(folder: str | os.PathLike, *, dtype=None, mesh: Mesh | None 
 def load_clip_text_encoder(folder: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> CLIPTextEncoder:
     """A CLIPTextModel folder (FLUX's `text_encoder/`) as our CLIPTextEncoder."""
     folder = Path(folder)
-    hf, quantization = _config(folder, "CLIPTextConfig", ("clip_text_model",))
+    hf, quantization = _config(folder, CLIP_DEFAULTS, ("clip_text_model",))
     name = _compute_dtype(folder, quantization, dtype)
-    config = CLIPTextEncoderConfig(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
-        max_position_embeddings=hf.max_position_embeddings, layer_norm_eps=hf.layer_norm_eps,
-        eos_token_id=hf.eos_token_id, hidden_act=hf.hidden_act, param_dtype=name, dtype=name,
-    )
+    config = CLIPTextEncoderConfig(**hf, param_dtype=name, dtype=name)
     return load_mirrored(folder, _encoder_fn(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(0)), quantization), mesh=mesh,
                          strip="text_model.", ignored=("embeddings.position_ids",))
 

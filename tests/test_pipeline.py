@@ -348,3 +348,17 @@ def test_packed_ternary_pipeline_matches_diffusers_running_the_exported_weights(
     main(["--model", str(tmp_path / "bundle"), "--prompt", "a red fox", "--steps", "2", "--height", "16", "--width", "16",
           "--out", str(tmp_path / "images")])
     assert os.listdir(tmp_path / "images") == ["0-0.png"]
+
+
+def test_loading_a_pipeline_imports_neither_transformers_nor_torch(reference):
+    """transformers 5 imports PyTorch where it is installed (0.45 GB of the CPU pipeline's peak): the
+    folder's tokenizers and configs are read without it, in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flux_jax.pipeline import FluxPipeline; "
+            f"pipe = FluxPipeline.from_pretrained({str(reference[1])!r}, dtype='float32'); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -1,5 +1,7 @@
 """Our T5 and CLIP text encoders against transformers' T5EncoderModel and CLIPTextModel."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,21 @@ def test_encoders_name_what_is_missing(t5, clip, tmp_path):
         load_t5_encoder(clip[1])
     with pytest.raises(CheckpointError, match="describes a 't5' model"):
         load_clip_text_encoder(t5[1])
+
+
+@pytest.mark.parametrize("config_class, defaults, model_type", [
+    (T5Config, "T5_DEFAULTS", "t5"), (CLIPTextConfig, "CLIP_DEFAULTS", "clip_text_model")])
+def test_configs_missing_keys_take_transformers_defaults(config_class, defaults, model_type, tmp_path):
+    """config.json is read without transformers; a key it leaves out takes transformers' default."""
+    from convert import text_encoders
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 321}))
+    ours, _ = text_encoders._config(tmp_path, getattr(text_encoders, defaults), (model_type,))
+    expected = config_class.from_pretrained(tmp_path)
+    assert ours == {key: getattr(expected, key) for key in ours} and ours["vocab_size"] == 321
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_heads": "8", "num_attention_heads": "8"}))
+    with pytest.raises(CheckpointError, match="config.json: not a usable config .*'8' is not a int"):
+        text_encoders._config(tmp_path, getattr(text_encoders, defaults), (model_type,))
 
 
 def test_t5_loads_into_shards_on_a_mesh_and_computes_the_same(t5):
