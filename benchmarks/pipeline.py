@@ -32,7 +32,14 @@ REPO = Path(__file__).resolve().parents[1]  # the children run `python -m benchm
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set: /proc's VmHWM, which starts afresh at exec. (getrusage's
+    ru_maxrss does not: a child started by the parent that built the reference pipeline reported
+    the parent's peak until its own passed it.)"""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # no procfs (macOS): ru_maxrss, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def build_reference(folder: str) -> None:
