@@ -88,6 +88,15 @@ def _clip_backend(vocab: dict[str, int], merges: list[tuple[str, str]], *, unk: 
     return backend
 
 
+def _require_specials(tokens: dict[str, str | None], token_id) -> list[str]:
+    """The folder's special tokens, each checked to be in the vocabulary (`token_id` None if not)."""
+    specials = [token for token in dict.fromkeys(tokens.values()) if token is not None]
+    missing = [token for token in specials if token_id(token) is None]
+    if missing:
+        raise ValueError(f"special tokens {missing} are not in the vocabulary")
+    return specials
+
+
 def load_tokenizer(folder: str | Path) -> FastTokenizer:
     """A tokenizer folder: tokenizer.json where there is one, else CLIP's vocab.json and merges.txt.
     FileNotFoundError where it has neither (a sentencepiece-only folder, say); ValueError where the
@@ -106,13 +115,11 @@ def load_tokenizer(folder: str | Path) -> FastTokenizer:
         vocab = json.loads((folder / "vocab.json").read_text())
         lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        _require_specials(tokens, vocab.get)
         backend = _clip_backend(vocab, merges, unk=tokens["unk_token"], bos=tokens["bos_token"], eos=tokens["eos_token"])
     else:
         raise FileNotFoundError(f"{folder}: neither tokenizer.json nor vocab.json with merges.txt")
-    specials = [token for token in dict.fromkeys(tokens.values()) if token is not None]
-    missing = [token for token in specials if backend.token_to_id(token) is None]
-    if missing:
-        raise ValueError(f"special tokens {missing} are not in the vocabulary")
+    specials = _require_specials(tokens, backend.token_to_id)
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
     limit = settings.get("model_max_length")
     return FastTokenizer(backend, model_max_length=int(limit) if isinstance(limit, (int, float)) else UNLIMITED_LENGTH,
