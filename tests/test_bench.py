@@ -2,6 +2,10 @@ import subprocess
 import sys
 
 from benchmarks.transformer import main, run
+import jax.numpy as jnp
+from flax import nnx
+
+from flux_jax import Flux
 from flux_jax.config import FluxConfig
 
 
@@ -13,6 +17,11 @@ def test_bench_compares_the_same_weights_and_prints_the_ratio_of_its_measurement
     result = run(config, img_tokens=16, txt_tokens=4, repeats=1)
     assert result["max_rel_diff"] < 1e-4  # the two sides ran the same weights
     assert result["speedup"] == result["torch_s"] / result["jax_s"]
+    model = Flux(config, rngs=nnx.Rngs(0))
+    inputs = dict(img=jnp.zeros((1, 16, 16)), img_ids=jnp.zeros((1, 16, 3)), txt=jnp.zeros((1, 4, 64)), txt_ids=jnp.zeros((1, 4, 3)),
+                  timesteps=jnp.ones((1,)), y=jnp.zeros((1, 32)), guidance=jnp.ones((1,)))
+    stats = bench.forward.lower(model, inputs).compile().memory_analysis()
+    assert stats.output_size_in_bytes == 16 * 16 * 4  # the image alone: the weights are read, not returned
     timed = []
     monkeypatch.setattr(bench, "median_seconds", lambda fns, repeats: timed.append((len(fns), repeats)) or [0.004, 0.011])
     main(["--width", "128", "--double", "1", "--single", "1", "--img-tokens", "16", "--txt-tokens", "4", "--repeats", "3"])
