@@ -26,13 +26,17 @@ PROG = "python -m flux_jax.generate"
 def generate(model: str, prompt: str, *, out: str | os.PathLike, steps: int | None = None, guidance: float | None = None,
              height: int = 1024, width: int = 1024, seed: int = 0, batch: int = 1, dtype: str | None = None,
              negative_prompt: str | None = None, true_cfg_scale: float = 1.0, max_sequence_length: int | None = None,
-             text_encoder_dtype: str | None = None, progress: bool = True) -> tuple[list[Path], float]:
+             text_encoder_dtype: str | None = None, vae_tile_rows: int | None = None,
+             progress: bool = True) -> tuple[list[Path], float]:
     """Writes `batch` PNGs for `prompt` into `out`; returns their paths and the seconds per step. The other
-    arguments are FluxPipeline's (diffusers' names)."""
+    arguments are FluxPipeline's (diffusers' names); `vae_tile_rows` decodes in exact tiles of that many
+    rows (`AutoencoderKL.enable_tiling`)."""
     from flux_jax.io.files import atomic_file
     from flux_jax.pipeline import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(model, dtype=dtype, text_encoder_dtype=text_encoder_dtype)
+    if vae_tile_rows is not None:
+        pipe.vae.enable_tiling(vae_tile_rows)
     steps = pipe.settings.default_steps if steps is None else steps
     kwargs = dict(height=height, width=width, steps=steps, guidance=guidance, seed=seed, num_images_per_prompt=batch,
                   negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length)
@@ -75,15 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens per prompt (default 512 dev, 256 schnell)")
     parser.add_argument("--text-encoder-dtype", choices=("int8",), default=None,
                         help="int8: weight-only int8 T5 and CLIP (default: as stored)")
+    parser.add_argument("--vae-tile-rows", type=int, default=None, metavar="ROWS",
+                        help="decode in exact tiles of ROWS image rows: a lower memory peak for more decoding work")
     parser.add_argument("--out", default="outputs", help="folder for the PNGs (default ./outputs)")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    if args.vae_tile_rows is not None and args.vae_tile_rows < 1:
+        parser.error("--vae-tile-rows must be at least 1")
     with reported_errors(PROG, also=(ValueError,)):  # the pipeline checks its arguments with ValueError
         paths, seconds = generate(args.model, args.prompt, out=args.out, steps=args.steps, guidance=args.guidance,
                                   height=args.height, width=args.width, seed=args.seed, batch=args.batch, dtype=args.dtype,
                                   negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
-                                  max_sequence_length=args.max_sequence_length, text_encoder_dtype=args.text_encoder_dtype)
+                                  max_sequence_length=args.max_sequence_length, text_encoder_dtype=args.text_encoder_dtype,
+                                  vae_tile_rows=args.vae_tile_rows)
     print(f"{seconds:.3f} s/step")
     for path in paths:
         print(f"wrote {path}")

@@ -128,8 +128,9 @@ def _gb(n: float) -> str:
 
 
 def _print_pipeline(r: dict, config: str, target: Target, as_json: bool) -> None:
+    tiles = f"in exact tiles of {r['vae_tile_rows']} rows" if r["vae_tile_rows"] else "whole"
     print(f"text to image, {config} components, {r['height']}x{r['width']}, {r['steps']} steps, batch 1: encode, "
-          f"denoise, decode compiled as one program for one chip of {target.describe()}")
+          f"denoise, decode ({tiles}) compiled as one program for one chip of {target.describe()}")
     print(f"(the {target.platform.upper()} compiler's buffer assignment, deviceless: not a run; every weight resident)")
     for v in r["variants"]:
         weights = " + ".join(f"{name} {v[f'{name}_weight_bytes'] / 1e9:.2f}" for name in ("transformer", "t5", "clip", "vae"))
@@ -140,6 +141,8 @@ def _print_pipeline(r: dict, config: str, target: Target, as_json: bool) -> None
         print(f"{'':24} peak    {_gb(v['peak_bytes'])}: {headroom(v['peak_bytes'], target)} in {target.hbm_bytes / 1e9:.1f} GB")
         beyond = ", ".join(f"{s} {v[f'{s}_beyond_weights_bytes'] / 1e9:.3f}" for s in ("encode", "denoise", "decode"))
         print(f"{'':24} beyond the weights, each stage alone (GB): {beyond}; the peak is in {v['peak_stage']}")
+        if "decode_whole_beyond_weights_bytes" in v:
+            print(f"{'':24} (decoding whole instead of in tiles: {v['decode_whole_beyond_weights_bytes'] / 1e9:.3f})")
     if as_json:
         print(json.dumps(r))
     sys.stdout.flush()
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=1024, help="with --pipeline: image height")
     parser.add_argument("--width", type=int, default=1024, help="with --pipeline: image width")
     parser.add_argument("--steps", type=int, default=28, help="with --pipeline: denoising steps")
+    parser.add_argument("--vae-tile-rows", type=int, default=128, metavar="ROWS",
+                        help="with --pipeline: decode in exact tiles of ROWS rows (default 128; 0: whole)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of every figure")
     args = parser.parse_args(argv)
     if min(args.image_tokens, args.text_tokens) < 1:
@@ -167,11 +172,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--pipeline needs --target: the pipeline's figure comes from an accelerator's compiler")
     if args.pipeline and (args.height % 16 or args.width % 16 or min(args.height, args.width, args.steps) < 1):
         parser.error("--height and --width must be positive multiples of 16, --steps at least 1")
+    if args.vae_tile_rows < 0:
+        parser.error("--vae-tile-rows must be 0 (decode whole) or more")
     try:
         target = get_target(args.target) if args.target else None
         if args.pipeline:
             shapes = PipelineShapes(transformer=FluxConfig.preset(args.config), height=args.height, width=args.width,
-                                    steps=args.steps)
+                                    steps=args.steps, vae_tile_rows=args.vae_tile_rows or None)
             _print_pipeline(pipeline_memory_report(target, shapes, policy=QuantPolicy(per_channel=not args.per_tensor)),
                             args.config, target, args.json)
             return

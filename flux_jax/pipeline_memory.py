@@ -47,7 +47,8 @@ VARIANTS = (
 
 @dataclasses.dataclass(frozen=True)
 class PipelineShapes:
-    """The architectures and the call: flux-dev's components, one 1024x1024 image, 28 steps."""
+    """The architectures and the call: flux-dev's components, one 1024x1024 image, 28 steps, decoded in
+    exact tiles of 128 rows (`AutoencoderKL.enable_tiling`; None: whole)."""
 
     transformer: FluxConfig = FluxConfig.preset("flux-dev")
     t5: T5EncoderConfig = T5EncoderConfig()
@@ -57,11 +58,19 @@ class PipelineShapes:
     width: int = 1024
     steps: int = 28
     max_sequence_length: int = 512
+    vae_tile_rows: int | None = 128
 
     @property
     def latent_grid(self) -> tuple[int, int]:
         factor = 2 ** (len(self.vae.block_out_channels) - 1)
         return self.height // factor, self.width // factor
+
+
+def _vae(shapes: PipelineShapes, tile_rows: int | None) -> AutoencoderKL:
+    vae = nnx.eval_shape(lambda: AutoencoderKL(shapes.vae, rngs=nnx.Rngs(0)))
+    if tile_rows is not None:
+        vae.enable_tiling(tile_rows)
+    return vae
 
 
 def _components(shapes: PipelineShapes, variant: PipelineVariant, platform: str, policy: QuantPolicy) -> dict:
@@ -71,7 +80,7 @@ def _components(shapes: PipelineShapes, variant: PipelineVariant, platform: str,
     return {
         "transformer": nnx.eval_shape(lambda: build(transformer, variant.transformer, policy,
                                                     layout=runtime_layout(platform), rngs=nnx.Rngs(0))),
-        "vae": nnx.eval_shape(lambda: AutoencoderKL(shapes.vae, rngs=nnx.Rngs(0))),
+        "vae": _vae(shapes, shapes.vae_tile_rows),
         "clip": nnx.eval_shape(lambda: text(CLIPTextEncoder(shapes.clip, rngs=nnx.Rngs(0)))),
         "t5": nnx.eval_shape(lambda: text(T5Encoder(shapes.t5, rngs=nnx.Rngs(0)))),
     }
@@ -117,7 +126,8 @@ def pipeline_memory_report(target: Target, shapes: PipelineShapes = PipelineShap
     """For each variant: its weights, the whole pipeline's peak on one chip of `target` (arguments +
     outputs + temporaries of the compiled program: the compiler's figure), or the compiler's refusal;
     and each stage's need beyond its own weights (compiled alone), the largest being the stage that
-    holds the peak. Stages are compiled once per distinct weight format."""
+    holds the peak; with tiled decoding, also what decoding whole would need. Stages are compiled once
+    per distinct weight format."""
     mesh = one_chip_mesh(target)
     one_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one_chip)  # noqa: E731
@@ -145,7 +155,13 @@ def pipeline_memory_report(target: Target, shapes: PipelineShapes = PipelineShap
                     stage_stats = compile_abstract(modules, fn, inputs, one_chip).memory_analysis()
                     stage_cache[key] = total_bytes(stage_stats) - _weight_bytes(modules)
                 entry[f"{stage}_beyond_weights_bytes"] = stage_cache[key]
+            if shapes.vae_tile_rows is not None:
+                if "decode whole" not in stage_cache:
+                    names, fn, inputs = stages["decode"]
+                    vae = _vae(shapes, None)
+                    stage_cache["decode whole"] = total_bytes(compile_abstract([vae], fn, inputs, one_chip).memory_analysis()) - _weight_bytes([vae])
+                entry["decode_whole_beyond_weights_bytes"] = stage_cache["decode whole"]
             entry["peak_stage"] = max(("encode", "denoise", "decode"), key=lambda s: entry[f"{s}_beyond_weights_bytes"])
             results.append(entry)
     return {"target": target.name, "hbm_bytes": target.hbm_bytes, "height": shapes.height, "width": shapes.width,
-            "steps": shapes.steps, "variants": results}
+            "steps": shapes.steps, "vae_tile_rows": shapes.vae_tile_rows, "variants": results}

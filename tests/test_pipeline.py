@@ -302,6 +302,30 @@ def test_generate_cli_bad_input_is_one_line_and_writes_nothing(reference, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_tiled_decoding_gives_the_images_of_decoding_whole(reference, tmp_path, capsys):
+    """`pipe.vae.enable_tiling` (generate's --vae-tile-rows): the same images, from a program compiled
+    for the tiles (the setting is part of the VAE's static structure)."""
+    from PIL import Image
+
+    from flux_jax.generate import main
+
+    pipe = FluxPipeline.from_pretrained(reference[1])
+    call = dict(height=48, width=32, steps=2, seed=7)
+    whole = pipe("a red cat", **call, output_type="np")
+    pipe.vae.enable_tiling(2)
+    tiled = pipe("a red cat", **call, output_type="np")
+    assert pipe.vae.tile_rows == 2
+    np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-5)
+    main(["--model", str(reference[1]), "--prompt", "a red cat", "--steps", "2", "--height", "48", "--width", "32", "--seed", "7",
+          "--vae-tile-rows", "2", "--out", str(tmp_path / "tiled")])
+    png = np.asarray(Image.open(tmp_path / "tiled" / "7-0.png"), np.int32)
+    assert np.abs(png - (whole[0] * 255).round()).max() <= 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--model", str(reference[1]), "--prompt", "a cat", "--vae-tile-rows", "0", "--out", str(tmp_path / "none")])
+    assert "--vae-tile-rows must be at least 1" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
 def test_pipeline_from_a_hub_id_in_the_offline_cache(reference, tmp_path, monkeypatch):
     import shutil
 

@@ -19,7 +19,7 @@ CLIP = CLIPTextEncoderConfig(vocab_size=99, hidden_size=32, intermediate_size=64
                              num_attention_heads=4, max_position_embeddings=16)
 VAE = AutoencoderConfig(latent_channels=4, block_out_channels=(32, 64), norm_num_groups=8)
 SHAPES = PipelineShapes(transformer=FluxConfig.preset("tiny").replace(context_in_dim=4096), t5=T5, clip=CLIP, vae=VAE,
-                        height=64, width=64, steps=2, max_sequence_length=16)
+                        height=64, width=64, steps=2, max_sequence_length=16, vae_tile_rows=16)
 
 
 def t5_int8_bytes(c: T5EncoderConfig) -> int:
@@ -49,6 +49,9 @@ def test_only_int8_encoders_fit_and_every_weight_counts(report):
     beyond = {s: packed_int8[f"{s}_beyond_weights_bytes"] for s in ("encode", "denoise", "decode")}
     assert all(b > 0 for b in beyond.values()) and packed_int8["peak_stage"] == max(beyond, key=beyond.get)
     assert packed_int8["peak_bytes"] - packed_int8["weight_bytes"] >= 0.5 * max(beyond.values())
+    # decoded in tiles, and whole for comparison (at this size the whole decoder's activations fit the
+    # chip's VMEM: tiling pays off at flux-dev's, docs/benchmarks.md; tests/test_vae.py checks it on CPU)
+    assert report["vae_tile_rows"] == 16 and packed_int8["decode_whole_beyond_weights_bytes"] > 0
 
 
 def _vae_leaves():
@@ -67,12 +70,14 @@ def test_the_cli_prints_each_variant_beside_the_chip(report, monkeypatch, capsys
     assert "compiled as one program for one chip of v5e-1: 1 x TPU v5e, 16.0 GB" in out
     assert out.count("does not fit one chip; the compiler refused it: RESOURCE_EXHAUSTED") == 1
     assert "fits with" in out and f"the peak is in {report['variants'][1]['peak_stage']}" in out
+    assert "decode (in exact tiles of 16 rows)" in out and "(decoding whole instead of in tiles: " in out
     assert '"variant": "packed + int8 encoders"' in out.splitlines()[-1]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--pipeline"], "--pipeline needs --target"),
     (["--pipeline", "--target", "v5e-1", "--height", "100"], "multiples of 16"),
+    (["--pipeline", "--target", "v5e-1", "--vae-tile-rows", "-1"], "--vae-tile-rows must be 0 (decode whole) or more"),
 ])
 def test_bad_pipeline_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
