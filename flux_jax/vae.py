@@ -248,8 +248,8 @@ def decode_tail_in_tiles(decoder: Decoder, x: jax.Array, tile_rows: int) -> jax.
     0.34 GB of temporaries against 0.67, and 2.8 times the decoding time (docs/benchmarks.md)."""
     b, h_in, w_in, _ = x.shape
     factor = 2 if decoder.upsamples_in_tail() else 1  # the tail's input rows per output row: 1/factor
-    resnets = decoder.up_blocks[-1].resnets
-    convs = 2 * len(resnets) + 1 + (factor == 2)  # the tail's 3x3 convolutions
+    norms = 2 * len(decoder.up_blocks[-1].resnets) + 1  # the tail's group norms, each before a 3x3 convolution
+    convs = norms + (factor == 2)  # and the upsampling's
     halo = -(-convs // factor) * factor  # output rows each side of a tile: windows start on an input row
     tile_rows = -(-tile_rows // factor) * factor
     h, window = h_in * factor, tile_rows + 2 * halo
@@ -266,7 +266,7 @@ def decode_tail_in_tiles(decoder: Decoder, x: jax.Array, tile_rows: int) -> jax.
 
     zero = jnp.zeros((b, decoder.conv_norm_out.num_groups), jnp.float32)
     stats: list[tuple[jax.Array, jax.Array]] = []  # (mean, variance) of each norm, in the tail's order
-    while len(stats) < 2 * len(resnets) + 1:
+    while len(stats) < norms:
         def accumulate(i, total):
             _, tile, owned = window_of(i)
             seen: list[tuple] = []  # the statistics of each norm met so far in this trace
