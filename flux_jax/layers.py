@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flux_jax import cpu_matmul
 from flux_jax.attention import dot_product_attention
 from flux_jax.sharding import param_metadata
 
@@ -45,13 +46,15 @@ def dense(
     param_dtype: Dtype,
     rngs: nnx.Rngs,
 ) -> nnx.Linear:
-    """A full-precision linear layer: `kernel` (in, out) and `bias` (out,), logically named `axes`."""
+    """A full-precision linear layer: `kernel` (in, out) and `bias` (out,), logically named `axes`; on a
+    one-device CPU backend its float32 product runs on MKL where installed (`flux_jax.cpu_matmul`)."""
     return nnx.Linear(
         in_features,
         out_features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        dot_general=cpu_matmul.dot_general,
         kernel_metadata=param_metadata(axes, (in_features, out_features)),
         bias_metadata=param_metadata(axes[1:], (out_features,)),
         rngs=rngs,

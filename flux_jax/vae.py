@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flux_jax import cpu_matmul
 from flux_jax.attention import dot_product_attention
 
 
@@ -100,7 +101,7 @@ class Attention(nnx.Module):
     """Single-head self-attention over the H*W positions, with group norm and a residual."""
 
     def __init__(self, ch: int, c: AutoencoderConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, dot_general=cpu_matmul.dot_general, rngs=rngs)
         self.group_norm = _norm(ch, c, rngs)
         self.to_q, self.to_k, self.to_v = (nnx.Linear(ch, ch, **kw) for _ in range(3))
         self.to_out = nnx.List([nnx.Linear(ch, ch, **kw)])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flux_jax import cpu_matmul
 from flux_jax.sharding import constrain, param_metadata
 
 
@@ -35,7 +36,8 @@ _ACTIVATIONS = {
 
 
 def _linear(i: int, o: int, axes: tuple[str, str], c: CLIPTextEncoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, dtype=c.dtype, param_dtype=c.param_dtype, kernel_metadata=param_metadata(axes, (i, o)),
+    return nnx.Linear(i, o, dtype=c.dtype, param_dtype=c.param_dtype, dot_general=cpu_matmul.dot_general,
+                      kernel_metadata=param_metadata(axes, (i, o)),
                       bias_metadata=param_metadata(axes[1:], (o,)), rngs=rngs)
 
 
