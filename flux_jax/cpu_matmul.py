@@ -11,7 +11,8 @@ for a call it cannot split. `FLUX_JAX_CPU_MATMUL=xla` turns the MKL path off.
 
 The handler is Python (ctypes) that reads XLA's C call frame (xla/ffi/api/c_api.h) and calls MKL
 with the GIL released, so it costs microseconds per call; like `jax.pure_callback`, it takes the
-GIL to start, and a thread busy in Python delays it.
+GIL to start, and a thread busy in Python delays it. The call is this process's own: `jax.export`
+refuses to serialize it, so export CPU programs with `FLUX_JAX_CPU_MATMUL=xla`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def _register() -> bool:
     path = _find_mkl()
     if path is None:
         return False
+    # MKL's OpenMP threads otherwise spin for 200 ms after each call, taking a core from the work XLA
+    # runs between the products: the pipeline's step took 1.57-1.66 s with the spin, 1.30 s without
+    # it, 1.45 s on XLA's dot (docs/benchmarks.md). Read when OpenMP starts, at MKL's first call.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     try:
         sgemm = ctypes.CDLL(path).cblas_sgemm
     except (OSError, AttributeError):

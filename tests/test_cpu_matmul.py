@@ -58,7 +58,7 @@ def test_xla_dot_on_a_backend_of_several_devices_and_for_other_dtypes():
 # A one-device process: a small FLUX (every block linear through `dense`), its loss and gradient, and
 # the text encoders' and VAE's linears, with the MKL path and with FLUX_JAX_CPU_MATMUL=xla.
 _ONE_DEVICE = textwrap.dedent('''
-    import json, sys
+    import json, os, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from flux_jax import Flux, FluxConfig, cpu_matmul
@@ -89,7 +89,7 @@ _ONE_DEVICE = textwrap.dedent('''
     tpu = jax.export.export(jax.jit(lambda p, i: nnx.merge(graphdef, p)(**i)), platforms=["tpu"])(params, inputs)
     np.savez(sys.argv[1], out=out, value=value, encoded=encoded,
              grads=np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
-    print(json.dumps(dict(mkl=cpu_matmul.mkl_available(),
+    print(json.dumps(dict(mkl=cpu_matmul.mkl_available(), blocktime=os.environ.get("KMP_BLOCKTIME"),
                           calls=step.lower(params, inputs).as_text().count("flux_jax_mkl_sgemm"),
                           tpu_calls=tpu.mlir_module().count("flux_jax_mkl_sgemm"))))
 ''')
@@ -99,6 +99,7 @@ def _run_one_device(tmp_path, **env) -> tuple[dict, dict]:
     import json
     out = tmp_path / f"{env.get('FLUX_JAX_CPU_MATMUL', 'mkl')}.npz"
     environ = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **env}
+    environ.pop("KMP_BLOCKTIME", None)
     result = subprocess.run([sys.executable, "-c", _ONE_DEVICE, str(out)], env=environ, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,6 +110,7 @@ def test_one_device_model_runs_its_linears_on_mkl_and_matches_xla(tmp_path):
     with_mkl, ours = _run_one_device(tmp_path)
     without, xla = _run_one_device(tmp_path, FLUX_JAX_CPU_MATMUL="xla")
     assert with_mkl["mkl"] and not without["mkl"] and without["calls"] == 0
+    assert with_mkl["blocktime"] == "0", "MKL's OpenMP threads must not spin between products"
     # The model's 26 linears, each forward (nn) and both gradients (nt, tn), less the input gradients
     # of the five embedders of data, which jit's dead-code elimination drops.
     assert with_mkl["calls"] == 3 * 26 - 5, with_mkl
