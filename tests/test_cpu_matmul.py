@@ -55,8 +55,8 @@ def test_xla_dot_on_a_backend_of_several_devices_and_for_other_dtypes():
         assert TARGET not in text and "dot_general" in text
 
 
-# A one-device process: a small FLUX (every block linear through `dense`), its loss and gradient, and
-# the text encoders' and VAE's linears, with the MKL path and with FLUX_JAX_CPU_MATMUL=xla.
+# A one-device process: a small FLUX (every linear through `dense`), its loss and gradient, and a CLIP
+# encoder (its own linear builder), with the MKL path and with FLUX_JAX_CPU_MATMUL=xla.
 _ONE_DEVICE = textwrap.dedent('''
     import json, os, sys
     import jax, jax.numpy as jnp, numpy as np
