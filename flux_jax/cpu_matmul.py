@@ -110,8 +110,9 @@ _KEEP_ALIVE: list = []  # the ctypes handlers XLA holds raw pointers to
 
 
 @functools.cache
-def _register() -> bool:
-    """Loads MKL and registers the three FFI targets once; False where MKL is absent or turned off."""
+def mkl_available() -> bool:
+    """Whether float32 linears on a single-device CPU backend run on MKL (see the module docstring):
+    loads MKL and registers the three FFI targets, once; False where MKL is absent or turned off."""
     if os.environ.get(_ENV, "mkl") == "xla":
         return False
     path = _find_mkl()
@@ -134,11 +135,6 @@ def _register() -> bool:
         name = _TARGET.format("nt"[trans_a], "nt"[trans_b])
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(ctypes.cast(handler, ctypes.c_void_p).value), platform="cpu")
     return True
-
-
-def mkl_available() -> bool:
-    """Whether float32 linears on a single-device CPU backend run on MKL (see the module docstring)."""
-    return _register()
 
 
 def _sgemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flux_jax import cpu_matmul
-from flux_jax.sharding import constrain, param_metadata
+from flux_jax.layers import dense
+from flux_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +36,7 @@ _ACTIVATIONS = {
 
 
 def _linear(i: int, o: int, axes: tuple[str, str], c: CLIPTextEncoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, dtype=c.dtype, param_dtype=c.param_dtype, dot_general=cpu_matmul.dot_general,
-                      kernel_metadata=param_metadata(axes, (i, o)),
-                      bias_metadata=param_metadata(axes[1:], (o,)), rngs=rngs)
+    return dense(i, o, axes=axes, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
 
 def _layer_norm(dim: int, c: CLIPTextEncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:

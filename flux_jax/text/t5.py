@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flux_jax import cpu_matmul
-from flux_jax.layers import Dtype, gelu_tanh
+from flux_jax.layers import Dtype, dense, gelu_tanh
 from flux_jax.sharding import constrain, param_metadata
 
 
@@ -32,8 +31,7 @@ class T5EncoderConfig:
 
 
 def _linear(i: int, o: int, axes: tuple[str, str], c: T5EncoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, dot_general=cpu_matmul.dot_general,
-                      kernel_metadata=param_metadata(axes, (i, o)), rngs=rngs)
+    return dense(i, o, use_bias=False, axes=axes, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
 
 class T5LayerNorm(nnx.Module):
